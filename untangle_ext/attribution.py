@@ -1,0 +1,168 @@
+"""Attribution: one forward, then one reverse pass for all (image, class) pairs.
+
+Each pair ``(b, c)`` is reversed through the patterns of class ``c`` (or of
+the all-class store) with image ``b``'s recorded gates (SPEC §2):
+
+* ``pattern_attribution`` (default): Linear/Conv2d use ``W ⊙ a⁺_c``,
+* ``patternnet``: they use ``a⁺_c`` (the signal),
+* ``gradient``: they use ``W`` (plain gradient, the S_w baseline; no store needed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .store import ALL_CLASSES, SignalStore, model_fingerprint
+from .trace import Affine, Program, Tape
+
+Method = Literal["pattern_attribution", "patternnet", "gradient"]
+METHODS = ("pattern_attribution", "patternnet", "gradient")
+Estimator = Literal["positive", "linear"]
+_PATTERN_KEY = {"positive": "a_pos", "linear": "a_lin"}
+
+
+@dataclass
+class Explanation:
+    """Attributions of B images for k classes each, with the model's outputs."""
+
+    attributions: torch.Tensor  # (B, k, *input_shape)
+    targets: torch.Tensor  # (B, k) class ids
+    logits: torch.Tensor  # (B, num_classes)
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return torch.softmax(self.logits, dim=1)
+
+
+class Attributor:
+    """Explain a model's predictions with PatternAttribution, PatternNet or the gradient.
+
+    ``stores`` maps class ids to :class:`SignalStore` (or is one all-class store);
+    it may be omitted for ``method="gradient"``. The model is never modified.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stores: Union[SignalStore, Mapping[int, SignalStore], None] = None,
+        check_fingerprint: bool = True,
+    ):
+        self.program = Program(model)
+        if isinstance(stores, SignalStore):
+            stores = {stores.class_id: stores}
+        self.stores: dict[int, SignalStore] = dict(stores or {})
+        fingerprint = model_fingerprint(model) if (self.stores and check_fingerprint) else None
+        for c, store in self.stores.items():
+            store.check_matches(self.program, fingerprint, source=f"the signal store of class {c}")
+        self._banks: dict[tuple[str, str], tuple[dict[str, torch.Tensor], dict[int, int]]] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return self.program.num_outputs
+
+    def _bank(self, method: Method, estimator: Estimator) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
+        """Per-layer reverse weights stacked over classes (S, K, ...) and the class → slot map."""
+        key = (method, estimator)
+        if key in self._banks:
+            return self._banks[key]
+        layers = self.program.layers
+        if method == "gradient":
+            bank = {l.name: l.weight.unsqueeze(0) for l in layers}
+            self._banks[key] = (bank, {})
+            return self._banks[key]
+        if not self.stores:
+            raise ValueError(f"method {method!r} needs signal stores; estimate them first or use method='gradient'")
+        classes = sorted(self.stores)
+        pkey = _PATTERN_KEY[estimator]
+        bank = {}
+        for l in layers:
+            a = torch.stack([self.stores[c].patterns[l.name][pkey] for c in classes]).to(l.weight)
+            bank[l.name] = a * l.weight.unsqueeze(0) if method == "pattern_attribution" else a
+        self._banks[key] = (bank, {c: i for i, c in enumerate(classes)})
+        return self._banks[key]
+
+    def _pair_slots(self, targets: torch.Tensor, slot_of: dict[int, int], method: Method) -> torch.Tensor:
+        flat = targets.reshape(-1)
+        if method == "gradient" or ALL_CLASSES in slot_of:
+            return torch.zeros_like(flat)
+        missing = sorted(set(flat.tolist()) - set(slot_of))
+        if missing:
+            raise KeyError(f"no signal store for classes {missing}; estimate those classes first "
+                           f"(stores exist for {sorted(slot_of)})")
+        table = torch.full((self.num_classes,), -1, dtype=torch.long, device=flat.device)
+        for c, s in slot_of.items():
+            table[c] = s
+        return table[flat]
+
+    def _targets(self, logits: torch.Tensor, target, topk: int) -> torch.Tensor:
+        """(B, k) class ids: the top-k predictions, or the given targets."""
+        b = logits.shape[0]
+        if target is None:
+            if not 1 <= topk <= self.num_classes:
+                raise ValueError(f"topk={topk} must lie in [1, {self.num_classes}] (the number of classes)")
+            return logits.topk(topk, dim=1).indices
+        t = torch.as_tensor(target, device=logits.device).long()
+        t = t.view(1, 1).expand(b, 1) if t.dim() == 0 else (t.view(b, 1) if t.dim() == 1 else t)
+        if t.shape[0] != b or t.dim() != 2:
+            raise ValueError(f"target must be an int, (B,) or (B, k) with B={b}; got shape {tuple(t.shape)}")
+        if t.numel() and (t.min() < 0 or t.max() >= self.num_classes):
+            raise ValueError(f"target classes must lie in [0, {self.num_classes})")
+        return t
+
+    @torch.no_grad()
+    def explain(
+        self,
+        inputs: torch.Tensor,
+        target: Union[None, int, torch.Tensor] = None,
+        topk: int = 1,
+        method: Method = "pattern_attribution",
+        estimator: Estimator = "positive",
+    ) -> Explanation:
+        """Attribute each image to its top-k classes (or ``target``): one forward, one batched reverse."""
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+        if estimator not in _PATTERN_KEY:
+            raise ValueError(f"estimator must be one of {tuple(_PATTERN_KEY)}, not {estimator!r}")
+        weight = self.program.layers[0].weight
+        x = inputs.to(weight.device, weight.dtype)
+        tape = Tape()
+        logits = self.program.forward(x, tape=tape)
+        targets = self._targets(logits, target, topk)
+        k = targets.shape[1]
+        bank, slot_of = self._bank(method, estimator)
+        slots = self._pair_slots(targets, slot_of, method)
+        seed = torch.zeros((x.shape[0] * k, logits.shape[1]), dtype=logits.dtype, device=logits.device)
+        seed.scatter_(1, targets.reshape(-1, 1), 1.0)
+
+        def reverse(layer: Affine, grad: torch.Tensor) -> torch.Tensor:
+            p = bank[layer.name]
+            if layer.kind == "linear":
+                return ops.pattern_backward_linear(grad, p, slots)
+            return ops.pattern_backward_conv2d(
+                grad, p, slots, tape.shapes[self._step_of(layer)][2:], layer.stride, layer.padding,
+                layer.dilation, layer.groups,
+            )
+
+        result = self.program.backward(tape, seed, k, reverse)
+        return Explanation(result.view(x.shape[0], k, *x.shape[1:]), targets, logits)
+
+    def _step_of(self, layer: Affine) -> int:
+        if not hasattr(self, "_step_index"):
+            self._step_index = {s.layer.name: i for i, s in enumerate(self.program.steps) if s.op == "affine"}
+        return self._step_index[layer.name]
+
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        target: Union[None, int, torch.Tensor] = None,
+        topk: int = 1,
+        method: Method = "pattern_attribution",
+        estimator: Estimator = "positive",
+    ) -> torch.Tensor:
+        """Attributions shaped like ``inputs`` (one class per image), or (B, k, ...) for several."""
+        exp = self.explain(inputs, target, topk, method, estimator)
+        return exp.attributions[:, 0] if exp.attributions.shape[1] == 1 else exp.attributions

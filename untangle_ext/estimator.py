@@ -1,0 +1,145 @@
+"""Signal estimation: stream a loader through the model once, per-class moments → patterns → stores.
+
+:class:`SignalEstimator` estimates every class in ONE pass over a loader of
+``(image, label)`` batches. When the float64 accumulators of all classes do not
+fit the memory budget, classes are processed in chunks (one pass per chunk).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .moments import Moments, accumulator_bytes
+from .patterns import MeanY, compute_patterns
+from .store import ALL_CLASSES, SignalStore, layer_signature, model_fingerprint
+from .trace import Program
+
+Batches = Iterable[Sequence[torch.Tensor]]
+
+
+def _available_memory() -> int:
+    """Bytes of memory available now (MemAvailable), or 8 GiB where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def chunk_classes(classes: Sequence[int], per_class_bytes: int, budget: Optional[int]) -> list[list[int]]:
+    """Split ``classes`` into chunks whose accumulators fit ``budget`` bytes (default: half the free RAM)."""
+    budget = budget if budget is not None else _available_memory() // 2
+    size = max(1, budget // max(per_class_bytes, 1))
+    return [list(classes[i:i + size]) for i in range(0, len(classes), size)]
+
+
+class SignalEstimator:
+    """Estimate per-class (or all-class) patterns of every Linear/Conv2d layer of ``model``.
+
+    ``classes``: which classes to estimate (default: every output). ``per_class=False``
+    estimates one store from all samples (iNNvestigate semantics). ``memory_budget``
+    bounds the bytes of float64 accumulators held at once. The model is never modified.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        classes: Optional[Sequence[int]] = None,
+        per_class: bool = True,
+        mean_y: MeanY = "all",
+        memory_budget: Optional[int] = None,
+        store_dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+    ):
+        self.model = model
+        self.program = Program(model)
+        self.num_classes = self.program.num_outputs
+        self.classes = list(range(self.num_classes)) if classes is None else [int(c) for c in classes]
+        bad = [c for c in self.classes if not 0 <= c < self.num_classes]
+        if bad:
+            raise ValueError(f"classes {bad} are out of range: the model has {self.num_classes} outputs")
+        if mean_y not in ("all", "positive"):
+            raise ValueError(f"mean_y must be 'all' or 'positive', not {mean_y!r}")
+        self.per_class = per_class
+        self.mean_y = mean_y
+        self.memory_budget = memory_budget
+        self.store_dtype = store_dtype
+        self.progress = progress
+
+    @property
+    def device(self) -> torch.device:
+        return self.program.layers[0].weight.device
+
+    def _chunks(self) -> list[list[int]]:
+        if not self.per_class:
+            return [[ALL_CLASSES]]
+        return chunk_classes(self.classes, accumulator_bytes(self.program), self.memory_budget)
+
+    def _slots_of(self, labels: torch.Tensor, chunk: list[int]) -> torch.Tensor:
+        """Map labels to accumulator slots of ``chunk`` (-1 = not in this chunk)."""
+        labels = torch.as_tensor(labels, device=self.device).long().view(-1)
+        if chunk == [ALL_CLASSES]:
+            return torch.zeros_like(labels)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}); got min {labels.min().item()}, "
+                             f"max {labels.max().item()}")
+        table = torch.full((self.num_classes,), -1, dtype=torch.long, device=self.device)
+        table[torch.tensor(chunk, device=self.device)] = torch.arange(len(chunk), device=self.device)
+        return table[labels]
+
+    def _run(self, moments: Moments, batches: Batches, slots_fn, desc: str) -> None:
+        for batch in tqdm(batches, desc=desc, disable=not self.progress, leave=False):
+            x, labels = batch[0], batch[1]
+            x = x.to(self.device, self.program.layers[0].weight.dtype)
+            moments.update(x, slots_fn(labels, x))
+
+    def fit(self, loader: Batches) -> dict[int, SignalStore]:
+        """Estimate from one loader of ``(images, labels)``: one pass per chunk of classes."""
+        stores: dict[int, SignalStore] = {}
+        chunks = self._chunks()
+        for i, chunk in enumerate(chunks):
+            moments = Moments(self.program, len(chunk))
+            desc = "estimating signals" + (f" (chunk {i + 1}/{len(chunks)})" if len(chunks) > 1 else "")
+            self._run(moments, loader, lambda labels, x: self._slots_of(labels, chunk), desc)
+            stores.update(self._stores(moments, chunk))
+        return stores
+
+    def fit_per_class(self, loader_fn: Callable[[int], Batches]) -> dict[int, SignalStore]:
+        """Estimate each class from its own loader ``loader_fn(c)`` (the tutorial's style)."""
+        stores: dict[int, SignalStore] = {}
+        for c in tqdm(self.classes, desc="classes", disable=not self.progress):
+            moments = Moments(self.program, 1)
+            self._run(moments, loader_fn(c), lambda labels, x: x.new_zeros(x.shape[0], dtype=torch.long),
+                      f"class {c}")
+            stores.update(self._stores(moments, [c]))
+        return stores
+
+    def _stores(self, moments: Moments, chunk: list[int]) -> dict[int, SignalStore]:
+        """Turn accumulated moments into one store per class that saw at least one sample."""
+        fingerprint = model_fingerprint(self.model)
+        signature = layer_signature(self.program)
+        out: dict[int, SignalStore] = {}
+        for slot, class_id in enumerate(chunk):
+            images = int(moments.images[slot])
+            if images == 0:
+                continue
+            patterns = {}
+            for name, lm in moments.layers.items():
+                p = compute_patterns(lm, slot, self.mean_y)
+                patterns[name] = {k: (v.to(self.store_dtype) if k.startswith("a_") else v) for k, v in p.items()}
+            out[class_id] = SignalStore(class_id, patterns, signature, fingerprint, images, {"mean_y": self.mean_y})
+        return out
+
+
+def estimate(
+    model: nn.Module, loader: Batches, **kwargs
+) -> Mapping[int, SignalStore]:
+    """One-call form of ``SignalEstimator(model, **kwargs).fit(loader)``."""
+    return SignalEstimator(model, **kwargs).fit(loader)

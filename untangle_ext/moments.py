@@ -1,0 +1,115 @@
+"""Streaming per-class moments of every affine layer's input and output (SPEC §2).
+
+One :class:`Moments` holds float64 accumulators for a set of class *slots*
+(a chunk of classes, or one slot for an all-class store). Inputs are shifted
+by a fixed per-feature shift (the first batch's mean) before any product is
+formed, so ``E[xy] - E[x]E[y]`` never cancels catastrophically; the pattern
+formula undoes the shift exactly (see :mod:`untangle_ext.patterns`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import ops
+from .trace import Affine, Program
+
+#: Column layout of ``vec``: per-output sums, then the sample count.
+VEC_FIELDS = ("sum_y", "sum_yy", "pos_n", "pos_sum_y", "pos_sum_yy")
+
+
+@dataclass
+class LayerMoments:
+    """Accumulators of one affine layer for ``S`` class slots.
+
+    ``mat[s, g]`` is ``[y~ | g | g*y~ | 1]^T x~`` summed over samples, shape
+    ``(3*Kg + 1, Dg)`` per group ``g``; ``vec[s]`` holds the per-output sums of
+    :data:`VEC_FIELDS` (``K`` each) and the sample count last.
+    """
+
+    layer: Affine
+    mat: torch.Tensor  # (S, G, 3Kg+1, Dg) float64
+    vec: torch.Tensor  # (S, 5K+1) float64
+    shift: Optional[torch.Tensor] = None  # input dtype: (D,) linear, (C_in,) conv
+    out_offset: Optional[torch.Tensor] = None  # (K,) float64 = W shift + b
+
+    @property
+    def groups(self) -> int:
+        return self.layer.groups
+
+    def patch_shift(self) -> torch.Tensor:
+        """The shift in patch space, (G, Dg) float64, as the pattern formula needs it."""
+        layer, s = self.layer, self.shift.double()
+        if layer.kind == "linear":
+            return s.view(1, -1)
+        kernel = layer.weight.shape[2] * layer.weight.shape[3]
+        return s.view(layer.groups, -1).repeat_interleave(kernel, dim=1)
+
+    def init_shift(self, x: torch.Tensor) -> None:
+        """Fix the shift from the first batch: per feature (Linear) or per channel (Conv2d)."""
+        dims = [0] if self.layer.kind == "linear" else [0, 2, 3]
+        self.shift = x.mean(dims) if x.shape[0] else x.new_zeros(x.shape[1])
+        w = self.layer.weight.double().reshape(self.layer.out_features, -1)
+        s = self.patch_shift().repeat_interleave(self.layer.out_features // self.groups, dim=0)
+        self.out_offset = (w * s).sum(1) + self.layer.bias.double()
+
+    def accumulate(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Add the batch ``x`` (rows assigned to ``slots``; -1 = skip) and return the layer output."""
+        if self.shift is None:
+            self.init_shift(x)
+        layer = self.layer
+        if layer.kind == "linear":
+            return ops.accumulate_linear(x, layer.weight, self.shift, self.out_offset, slots, self.mat, self.vec)
+        return ops.accumulate_conv2d(
+            x, layer.weight, self.shift, self.out_offset, slots, self.mat, self.vec,
+            layer.stride, layer.padding, layer.dilation, layer.groups,
+        )
+
+    def field(self, name: str) -> torch.Tensor:
+        """One block of ``vec`` as (S, K): a name of :data:`VEC_FIELDS`."""
+        k = self.layer.out_features
+        i = VEC_FIELDS.index(name)
+        return self.vec[:, i * k:(i + 1) * k]
+
+    @property
+    def count(self) -> torch.Tensor:
+        """Samples (output positions for conv) seen per slot, (S,)."""
+        return self.vec[:, -1]
+
+
+def _new_layer_moments(layer: Affine, slots: int) -> LayerMoments:
+    k, g = layer.out_features, layer.groups
+    dg = layer.weight[0].numel()
+    dev = layer.weight.device
+    mat = torch.zeros((slots, g, 3 * (k // g) + 1, dg), dtype=torch.float64, device=dev)
+    vec = torch.zeros((slots, 5 * k + 1), dtype=torch.float64, device=dev)
+    return LayerMoments(layer, mat, vec)
+
+
+def accumulator_bytes(program: Program, slots: int = 1) -> int:
+    """Bytes of float64 accumulators needed for ``slots`` classes."""
+    per_slot = 0
+    for layer in program.layers:
+        k, g, dg = layer.out_features, layer.groups, layer.weight[0].numel()
+        per_slot += 8 * (g * (3 * (k // g) + 1) * dg + 5 * k + 1)
+    return per_slot * slots
+
+
+class Moments:
+    """Accumulators of every affine layer of a program, for ``num_slots`` class slots."""
+
+    def __init__(self, program: Program, num_slots: int):
+        self.program = program
+        self.num_slots = num_slots
+        self.layers = {layer.name: _new_layer_moments(layer, num_slots) for layer in program.layers}
+        self.images = torch.zeros(num_slots, dtype=torch.long)  # images seen per slot
+
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Run one batch through the model, accumulating every layer; return the logits."""
+        kept = slots[(slots >= 0) & (slots < self.num_slots)]
+        self.images += torch.bincount(kept.cpu(), minlength=self.num_slots)
+        return self.program.forward(x, affine=lambda layer, inp: self.layers[layer.name].accumulate(inp, slots))
