@@ -7,6 +7,7 @@ fit the memory budget, classes are processed in chunks (one pass per chunk).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .moments import Moments, accumulator_bytes
 from .patterns import MeanY, compute_patterns
-from .store import ALL_CLASSES, SignalStore, layer_signature, model_fingerprint
+from .store import ALL_CLASSES, SignalStore, StoreError, class_store_path, layer_signature, model_fingerprint
 from .trace import Program
 
 Batches = Iterable[Sequence[torch.Tensor]]
@@ -120,6 +121,34 @@ class SignalEstimator:
                       f"class {c}")
             stores.update(self._stores(moments, [c]))
         return stores
+
+    def fit_to_files(self, prefix: "os.PathLike[str] | str", loader_fn: Callable[[int], Batches],
+                     overwrite: bool = False) -> dict[int, Path]:
+        """Estimate class by class, writing each store as soon as it is done.
+
+        Classes whose store already exists and matches this model are skipped
+        unless ``overwrite`` (so an interrupted run resumes where it stopped).
+        """
+        fingerprint = model_fingerprint(self.model)
+        written: dict[int, Path] = {}
+        for c in tqdm(self.classes, desc="classes", disable=not self.progress):
+            path = class_store_path(prefix, c)
+            if not overwrite and path.exists() and self._is_current(path, fingerprint):
+                written[c] = path
+                continue
+            one = SignalEstimator(self.model, [c], True, self.mean_y, self.memory_budget, self.store_dtype,
+                                  self.progress)
+            stores = one.fit_per_class(loader_fn)
+            if c in stores:
+                written[c] = stores[c].save(path)
+        return written
+
+    def _is_current(self, path: Path, fingerprint: str) -> bool:
+        try:
+            SignalStore.load(path).check_matches(self.program, fingerprint, str(path))
+        except StoreError:
+            return False
+        return True
 
     def _stores(self, moments: Moments, chunk: list[int]) -> dict[int, SignalStore]:
         """Turn accumulated moments into one store per class that saw at least one sample."""

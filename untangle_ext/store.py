@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -130,6 +130,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
-def load_stores(paths: Mapping[int, PathLike]) -> dict[int, SignalStore]:
-    """Load several stores keyed by class id."""
-    return {c: SignalStore.load(p) for c, p in paths.items()}
+def class_store_path(prefix: PathLike, class_id: int) -> Path:
+    """The tutorial's file name for one class: ``f"{prefix}_class_{c}.pkl"``."""
+    return Path(f"{os.fspath(prefix)}_class_{class_id}.pkl")
+
+
+def load_class_stores(prefix: PathLike, classes) -> dict[int, SignalStore]:
+    """Load the stores of ``classes`` written under ``prefix``."""
+    return {int(c): SignalStore.load(class_store_path(prefix, c)) for c in classes}
