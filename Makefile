@@ -1,0 +1,42 @@
+# The README's two commands: `make demo` and `make test`; each sets up .venv itself.
+#
+# TORCH_SPEC picks the torch release installed into .venv. The default 2.13.0 is the
+# CPU wheel available on local disk. `make TORCH_SPEC=2.14.1 test` installs a CUDA
+# build instead; `make TORCH_INDEX=https://download.pytorch.org/whl/cu126 test` adds
+# an extra index to install torch from. Changing either rebuilds the venv's stamp.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= 2.13.0
+TORCH_INDEX ?=
+PIP          = $(VENV)/bin/pip
+PY           = $(VENV)/bin/python
+STAMP        = $(VENV)/.stamp
+TORCH_STAMP  = $(VENV)/.torch-$(TORCH_SPEC)$(if $(TORCH_INDEX),-custom-index)
+
+.PHONY: venv demo test clean
+
+venv: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(TORCH_STAMP): | $(VENV)/bin/python
+	$(PIP) install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "torch==$(TORCH_SPEC)"
+	rm -f $(VENV)/.torch-*
+	touch $@
+
+$(STAMP): pyproject.toml setup.py $(TORCH_STAMP)
+	$(PIP) install numpy matplotlib pillow tqdm pytest hypothesis ninja
+	$(PIP) install --no-build-isolation -e .
+	touch $@
+
+demo: venv
+	$(PY) -m untangle_ext.cli demo
+
+test: venv
+	$(PY) -m pytest -q -x --durations=15
+
+clean:
+	rm -rf build dist *.egg-info $(VENV) .pytest_cache .hypothesis results .cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
