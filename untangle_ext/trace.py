@@ -279,6 +279,8 @@ class Program:
     """A traced classifier: forward with optional recording, and the generic reverse pass."""
 
     def __init__(self, model: nn.Module):
+        if type(model).__module__.startswith("torch.nn.modules") and not isinstance(model, nn.Sequential):
+            model = nn.Sequential(model)  # a bare layer: trace it as a leaf named "0"
         try:
             graph = fx.Tracer().trace(model)
         except Exception as exc:  # fx raises many kinds of errors for untraceable code
