@@ -126,7 +126,7 @@ def test_reverse_pass_is_linear_in_the_seed():
     def reverse(layer, grad):
         if layer.kind == "linear":
             return ops.pattern_backward_linear(grad, weights[layer.name], slots)
-        step = next(i for i, s in enumerate(program.steps) if s.layer is layer)
+        step = program.step_of[layer.name]
         return ops.pattern_backward_conv2d(grad, weights[layer.name], slots, tape.shapes[step][2:], layer.stride,
                                            layer.padding, layer.dilation, layer.groups)
 

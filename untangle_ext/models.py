@@ -59,12 +59,12 @@ def evaluate_accuracy(model: nn.Module, split: str = "test", batch_size: int = 5
     return correct / x.shape[0]
 
 
-def train_lenet(epochs: int = 4, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+def train_lenet(epochs: int = 5, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                 progress: bool = True) -> tuple[LeNet, float]:
     """Train LeNet with Adam on the bundled train split (4,000 images), deterministically.
 
     Returns (model in eval mode, accuracy on the held-out 1,000-image test split).
-    Defaults reach ~97% in a few seconds on 2 CPU threads.
+    Defaults reach ~96-97% (seeds 0-2) in about 7 s on 2 CPU threads (torch 2.13 CPU).
     """
     from tqdm.auto import tqdm
 
