@@ -2,13 +2,13 @@
 plus a VGG-style and a small residual network used to exercise the engine on other layer mixes."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .store import atomic_torch_save
 
 __all__ = ["LeNet", "BasicBlock", "evaluate_accuracy", "train_lenet", "load_or_train_lenet",
            "vgg_style_net", "residual_net"]
@@ -105,18 +105,7 @@ def load_or_train_lenet(cache_path: str | Path, **kw: Any) -> tuple[LeNet, float
                              f"Delete the file to retrain it.") from e
         return model.eval(), evaluate_accuracy(model, "test")
     model, acc = train_lenet(**kw)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(model.state_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save(model.state_dict(), path)
     return model, acc
 
 
