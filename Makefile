@@ -14,7 +14,7 @@ PY           = $(VENV)/bin/python
 STAMP        = $(VENV)/.stamp
 TORCH_STAMP  = $(VENV)/.torch-$(TORCH_SPEC)$(if $(TORCH_INDEX),-custom-index)
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test bench clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,12 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q -x --durations=15
+
+# `make bench` runs the full suite (< 10 min on 2 idle cores); `make bench BENCH_ARGS=--quick` (< 1 min).
+# Captum's Saliency baseline is measured only when captum is installed (.venv/bin/pip install captum).
+BENCH_ARGS ?=
+bench: venv
+	$(PY) -m untangle_ext.cli bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info $(VENV) .pytest_cache .hypothesis results .cache
