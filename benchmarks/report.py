@@ -183,7 +183,10 @@ def markdown(doc: dict) -> str:
               "|---|---|---|---|"]
     for t in doc["targets"]:
         pct = "%" in t["target"]
-        lines.append(f"| {t['target']} | {t['backend']} | {_fmt_x(t['value'], pct)} | {t['verdict']} |")
+        verdict = t["verdict"]
+        if not doc["backends"].get(t["backend"], {}).get("available"):
+            verdict = f"n/a (backend `{t['backend']}` unavailable, reason above)"
+        lines.append(f"| {t['target']} | {t['backend']} | {_fmt_x(t['value'], pct)} | {verdict} |")
     lines += ["", "## Estimation throughput (images/s)", "",
               "| workload | batch | torch | native | forward only | naive loop | seed-style | "
               "GEMM fraction (torch / native) |", "|---|---|---|---|---|---|---|---|"]

@@ -32,10 +32,10 @@ def sizes(mode: str) -> dict:
     """Workload sizes: 'full' (the reported run, < 10 min on 2 idle cores), 'quick' (< 1 min, a
     smaller VGG) or 'tiny' (the test suite's smoke run)."""
     full = {
-        "lenet_images": 2048, "repeats": 5, "vgg_width_div": 1, "vgg_size": 64, "vgg_batch": 64,
-        "vgg_images": 64, "vgg_repeats": 3, "naive_images": {"lenet": 256, "vgg": 2}, "naive_repeats": 3,
-        "seed_est_images": {"lenet": 100, "vgg": 10}, "seed_repeats": 3, "attr_batch": 64,
-        "seed_attr_images": {"lenet": 8, "vgg": 2}, "prepare_images": {"lenet": 2048, "vgg": 64},
+        "lenet_images": 1024, "repeats": 3, "vgg_width_div": 1, "vgg_size": 64, "vgg_batch": 64,
+        "vgg_images": 64, "vgg_repeats": 2, "naive_images": {"lenet": 256, "vgg": 2}, "naive_repeats": 2,
+        "seed_est_images": {"lenet": 100, "vgg": 10}, "seed_repeats": 2, "attr_batch": 64,
+        "seed_attr_images": {"lenet": 8, "vgg": 2}, "prepare_images": {"lenet": 1024, "vgg": 64},
         "agreement_images": 48, "gemm_n": 2048,
     }
     quick = {**full, "lenet_images": 256, "repeats": 2, "vgg_width_div": 4, "vgg_size": 32, "vgg_batch": 16,

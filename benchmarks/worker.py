@@ -79,6 +79,8 @@ def agreement(cfg: dict) -> dict:
     def worst(stats) -> float:
         err = 0.0
         for (c, name), st in stats.items():
+            if c not in stores:  # a class absent from the sample: nothing to compare
+                continue
             for key, a in B.raw_patterns(st, mods[name].weight).items():
                 ours = stores[c].patterns[name][key]
                 err = max(err, float((a - ours).abs().max() / ours.abs().max().clamp(min=1e-300)))
