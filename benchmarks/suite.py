@@ -43,9 +43,9 @@ def sizes(mode: str) -> dict:
              "seed_est_images": {"lenet": 20, "vgg": 10}, "seed_repeats": 1, "attr_batch": 16,
              "seed_attr_images": {"lenet": 2, "vgg": 1}, "prepare_images": {"lenet": 512, "vgg": 32},
              "agreement_images": 24, "gemm_n": 1024}
-    tiny = {**quick, "lenet_images": 64, "vgg_width_div": 16, "vgg_size": 16, "vgg_batch": 8, "vgg_images": 8,
+    tiny = {**quick, "lenet_images": 32, "vgg_width_div": 16, "vgg_size": 16, "vgg_batch": 8, "vgg_images": 8,
             "naive_images": {"lenet": 16, "vgg": 2}, "seed_est_images": {"lenet": 10, "vgg": 10}, "attr_batch": 8,
-            "prepare_images": {"lenet": 128, "vgg": 20}, "agreement_images": 16, "gemm_n": 256}
+            "prepare_images": {"lenet": 48, "vgg": 20}, "agreement_images": 16, "gemm_n": 256}
     return {"full": full, "quick": quick, "tiny": tiny}[mode]
 
 

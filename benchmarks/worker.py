@@ -25,11 +25,13 @@ def emit(task: str, **record) -> None:
 
 def run_task(task: str, fn: Callable[[], dict]) -> None:
     """Run one task and emit its result, or its error (the other tasks still run)."""
+    start = time.perf_counter()
     try:
-        emit(task, **fn())
+        record = fn()
     except Exception as e:  # a broken task must not hide every other number
         traceback.print_exc(file=sys.stderr)
-        emit(task, error=f"{type(e).__name__}: {e}")
+        record = {"error": f"{type(e).__name__}: {e}"}
+    emit(task, **record, task_wall_s=time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------- baselines role
@@ -81,7 +83,7 @@ def agreement(cfg: dict) -> dict:
         for (c, name), st in stats.items():
             if c not in stores:  # a class absent from the sample: nothing to compare
                 continue
-            for key, a in B.raw_patterns(st, mods[name].weight).items():
+            for key, a in B.raw_patterns(st, mods[name].weight.detach()).items():
                 ours = stores[c].patterns[name][key]
                 err = max(err, float((a - ours).abs().max() / ours.abs().max().clamp(min=1e-300)))
         return err
