@@ -161,7 +161,8 @@ def compare_moments(state: dict, reference: Moments) -> float:
     worst = 0.0
     for name, lm in reference.layers.items():
         distributed.reshift(lm, state[name]["shift"])
-        worst = max(worst, max_rel_diff(state[name]["mat"], lm.mat), max_rel_diff(vec_rows(state[name]["vec"]), vec_rows(lm.vec)))
+        mine = state[name]
+        worst = max(worst, max_rel_diff(mine["mat"], lm.mat), max_rel_diff(vec_rows(mine["vec"]), vec_rows(lm.vec)))
     return worst
 
 
@@ -240,5 +241,6 @@ def test_single_process_is_untouched():
     batches = make_batches()
     assert distributed.current() is None and distributed.is_main()
     assert distributed.shard_batches(batches) is batches
+    assert list(distributed.ShardSampler(range(5))) == [0, 1, 2, 3, 4]
     with distributed.disabled():
         assert distributed.current() is None

@@ -94,6 +94,9 @@ class ShardSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Sized, num_replicas: Optional[int] = None, rank: Optional[int] = None):
+        if num_replicas is None and rank is None:  # this process's shard; everything when not distributed
+            shard = current() or Shard(0, 1)
+            num_replicas, rank = shard.world_size, shard.rank
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
         self.total_size = len(dataset)
         self.num_samples = len(range(self.rank, self.total_size, self.num_replicas))
