@@ -88,6 +88,14 @@ def _worker(rank: int, port: int, out: str) -> None:
         distributed.all_reduce_moments(moments)
         result["moments"] = moments_state(moments)
 
+        own = distributed.Presharded(make_batches()[rank::WORLD])  # sharded by the caller: used as is
+        presharded = accumulate(program, distributed.shard_batches(own))
+        distributed.all_reduce_moments(presharded)
+        result["presharded"] = moments_state(presharded)
+
+        with distributed.disabled():  # each rank alone, on a different number of batches
+            result["local"] = _estimator(model).fit(make_batches()[:1 + 2 * rank])
+
         lone = accumulate(program, distributed.shard_batches(make_batches()[:1]))  # rank 1 sees no batch
         distributed.all_reduce_moments(lone)
         result["lone"] = moments_state(lone)
@@ -185,6 +193,20 @@ def test_all_reduced_moments_equal_single_process(ranks):
     assert compare_moments(results[0]["moments"], reference) <= 1e-12
     for name in reference.layers:  # every rank holds the same sums after the all-reduce, bit for bit
         assert torch.equal(results[0]["moments"][name]["mat"], results[1]["moments"][name]["mat"])
+
+
+def test_presharded_batches_are_used_as_they_are(ranks):
+    results, _ = ranks
+    reference = accumulate(Program(make_model()), make_batches())
+    assert compare_moments(results[1]["presharded"], reference) <= 1e-12
+
+
+def test_disabled_estimates_each_rank_alone(ranks):
+    results, _ = ranks
+    for rank, result in enumerate(results):
+        want = _estimator(make_model()).fit(make_batches()[:1 + 2 * rank])
+        assert {c: s.num_samples for c, s in result["local"].items()} == {c: s.num_samples for c, s in want.items()}
+    assert results[0]["local"][0].num_samples != results[1]["local"][0].num_samples
 
 
 def test_rank_without_any_batch_contributes_nothing(ranks):
