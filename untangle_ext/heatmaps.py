@@ -123,7 +123,7 @@ def image_to_rgb(image: Any) -> np.ndarray:
     return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
 
 
-def overlay(heat_rgb: np.ndarray, image: Any, alpha: float = 0.6) -> np.ndarray:
+def overlay(heat_rgb: np.ndarray, image: Any, alpha: float = 0.7) -> np.ndarray:
     """Blend an RGB heatmap (H, W, 3) over the input image: ``alpha * heat + (1 - alpha) * image``."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
