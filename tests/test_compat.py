@@ -1,8 +1,9 @@
 """The UntangleAI tutorial end to end, with only the import changed, plus the compatibility API's
 invariants (joint scale, diff + invDiff = 0, JSON fields), errors, and the model left untouched.
 
-The module trains a LeNet briefly once and runs the tutorial's Step 1 once (on 8 images per class);
-every test reuses that checkpoint and those stores.
+The module trains LeNet for one epoch (single-threaded: fast even on a busy machine), saves it as the
+tutorial's checkpoint and runs the tutorial's Step 1 once (on 8 images per class); every test reuses
+that checkpoint and those stores.
 """
 import functools
 import json
@@ -24,24 +25,9 @@ from untangle_ext import Attributor, UntangleAI, cli, loaders  # noqa: E402
 from untangle_ext.data import load_mnist_sample  # noqa: E402
 from untangle_ext.external.signal_api import _attribute  # noqa: E402
 from untangle_ext.heatmaps import channel_sum, normalise  # noqa: E402
-from untangle_ext.models import LeNet  # noqa: E402
+from untangle_ext.models import train_lenet  # noqa: E402
 
 IMAGES_PER_CLASS = 8
-
-
-def _quick_lenet() -> LeNet:
-    """A LeNet trained for 40 Adam steps on the bundled sample (about 90% accurate; enough for sane maps)."""
-    torch.manual_seed(0)
-    x, y = load_mnist_sample("train")
-    model = LeNet()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        idx = torch.randint(0, len(x), (64,), generator=g)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    return model.eval()
 
 
 def _tutorial_step1():
@@ -139,13 +125,22 @@ def _tutorial_step1():
     return SimpleNamespace(**locals())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """LeNet's ops are tiny: extra intra-op threads only fight over shared CPUs (6x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def tut(tmp_path_factory):
+def tut(tmp_path_factory, _one_thread):
     """Train LeNet, save the tutorial's checkpoint, run Step 1 with module_path = a temp folder."""
     root = tmp_path_factory.mktemp("tutorial")
     notebook = root / "notebook"  # the tutorial's module_path is the notebook folder's parent
     notebook.mkdir()
-    torch.save(_quick_lenet().state_dict(), notebook / "lenet_mnist_model.h5")
+    torch.save(train_lenet(epochs=1, progress=False)[0].state_dict(), notebook / "lenet_mnist_model.h5")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(notebook)
         mp.setattr(loaders, "load_mnist_per_class",
