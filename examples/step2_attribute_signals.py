@@ -10,7 +10,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 from _tutorial import SignalEstimationArgs, load_lenet, parse_workdir, tutorial_paths  # noqa: E402
 
 from untangle_ext import UntangleAI  # noqa: E402
@@ -43,14 +42,9 @@ for topk in range(1, 4):  # top-1: evidence for the prediction; top-2/3: joint a
 
 # The slider: keep only the most important pixels of the attribution for rand_class.
 signal = _attribute(model, input_tensor_single, signal_store_path, rand_class, args)
-try:
-    from ipywidgets import interact  # noqa: F401
-
-    print("ipywidgets is installed: in a notebook, call untangle_ai.slider(signal, input_tensor_true)")
-except ImportError:
-    pass
-sweep = untangle_ai.slider(signal, input_tensor_true, path=os.path.join(results_path, f"{idx}_threshold_sweep.png"))
-print(f"threshold sweep: {sweep}")
+# ipywidgets installed: an interactive slider (in a notebook); otherwise a static threshold-sweep figure
+slider = untangle_ai.slider(signal, input_tensor_true, path=os.path.join(results_path, f"{idx}_threshold_sweep.png"))
+print(f"slider: {slider}")
 heatmap_signal = untangle_ai.get_heatmap(signal.permute(0, 2, 3, 1).cpu().numpy())
 plt.imsave(os.path.join(results_path, f"{idx}_heatmap_class_{rand_class}.png"), heatmap_signal[0])
 print(f"results in {results_path}")

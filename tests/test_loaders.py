@@ -207,7 +207,8 @@ def test_get_topk_pred_matches_model_and_leaves_it_untouched():
         ref = model.eval()(x)[0]
     assert ids == ref.topk(3).indices.tolist() and names == [f"c{i}" for i in ids]
     torch.testing.assert_close(torch.tensor(logits), ref[ids], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(probs, dtype=torch.float64), torch.softmax(ref.double(), 0)[ids], rtol=1e-5, atol=1e-6)
+    expected = torch.softmax(ref.double(), 0)[ids]
+    torch.testing.assert_close(torch.tensor(probs, dtype=torch.float64), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="topk=11"):
         loaders.get_topk_pred(model, x, None, 11)
     with pytest.raises(ValueError, match="ONE image"):

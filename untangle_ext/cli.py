@@ -22,7 +22,8 @@ def load_model(spec: str, checkpoint: Optional[str] = None) -> nn.Module:
     checkpoint safely (weights only), and put it in eval mode."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise SystemExit(f"--model must look like 'package.module:factory' (e.g. untangle_ext.models:LeNet), not {spec!r}")
+        raise SystemExit(f"--model must look like 'package.module:factory' (e.g. untangle_ext.models:LeNet), "
+                         f"not {spec!r}")
     try:
         factory = importlib.import_module(module_name)
         for part in attr.split("."):
@@ -75,7 +76,8 @@ def _estimate(args: argparse.Namespace) -> int:
                                      data_class=args.classes or None)
     if args.imagenet_dir:
         if not args.synset_map:
-            raise SystemExit("--imagenet-dir needs --synset-map (a file whose line i starts with the synset of class i)")
+            raise SystemExit("--imagenet-dir needs --synset-map (a file whose line i starts with the synset of "
+                             "class i)")
         loader = lambda c: ua.load_imagenet_per_class(args.batch_size, args.imagenet_dir, args.synset_map, c,
                                                       args.resnet)[0]
     else:

@@ -88,7 +88,8 @@ def resolve_args(args: Any) -> CompatArgs:
         mname=mname, batch_size=_positive_int(get("batch_size", d.batch_size), "batch_size"),
         num_classes=num_classes, img_size=_img_size(get("img_size", None)), data_class=data_class,
         classes=loaders.parse_classes(data_class, num_classes), mode=mode, topk=topk, cmap=cmap,
-        json=loaders.as_bool(get("json", d.json), "args.json"), hm_diff=heatmaps.check_hm_diff(get("hm_diff", d.hm_diff)),
+        json=loaders.as_bool(get("json", d.json), "args.json"),
+        hm_diff=heatmaps.check_hm_diff(get("hm_diff", d.hm_diff)),
     )
 
 
@@ -170,7 +171,8 @@ class UntangleAI:
         a = resolve_args(args)
         estimator = SignalEstimator(model, a.classes)
         check_model(estimator.program, a)
-        label = dict(zip(a.classes, self._as_list(a.data_class))) if a.classes else {c: str(c) for c in estimator.classes}
+        label = (dict(zip(a.classes, self._as_list(a.data_class))) if a.classes
+                 else {c: str(c) for c in estimator.classes})
         written = estimator.fit_to_files(
             signal_store_path, lambda c: _checked_batches(train_loader_fun(label[c]), a.img_size, label[c]), overwrite)
         empty = [label[c] for c in estimator.classes if c not in written]
@@ -193,8 +195,8 @@ class UntangleAI:
         """The native attributor with the stores of ``classes`` (default: every class) loaded."""
         return Attributor(model, load_stores(signal_store_path, classes or range(Program(model).num_outputs)))
 
-    def get_topk_pred(self, model: nn.Module, input: torch.Tensor, ID2Name_Map: Optional[Mapping[Any, str]],  # noqa: A002
-                      topk: int) -> tuple[list[float], list[float], list[str], list[int]]:
+    def get_topk_pred(self, model: nn.Module, input: torch.Tensor,  # noqa: A002 (the tutorial's name)
+                      ID2Name_Map: Optional[Mapping[Any, str]], topk: int) -> loaders.TopK:
         """Top-k (logits, probabilities, class names, class ids) of one image."""
         return loaders.get_topk_pred(model, input, ID2Name_Map, topk)
 
@@ -269,7 +271,7 @@ class UntangleAI:
     # ---------------------------------------------------------------------- loaders
 
     def load_mnist_per_class(self, batch_size: int, data_class: Any = None, **kwargs):
-        """(loader, dataset) of MNIST images of ``data_class`` (see :func:`untangle_ext.loaders.load_mnist_per_class`)."""
+        """(loader, dataset) of MNIST images of ``data_class`` (see :func:`.loaders.load_mnist_per_class`)."""
         return loaders.load_mnist_per_class(batch_size, data_class, **kwargs)
 
     def load_imagenet_per_class(self, batch_size: int, data_path: str, synset_map: Any, data_class: Any = None,

@@ -27,7 +27,8 @@ from .heatmaps import atomic_write
 
 PathLike = Union[str, "os.PathLike[str]"]
 MNIST_DIR_ENV = "UNTANGLE_EXT_MNIST_DIR"
-MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/")
+MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/",
+                 "https://storage.googleapis.com/cvdf-datasets/mnist/")
 #: (split, part) → (file name, sha256 of the gzip file)
 MNIST_FILES = {
     ("train", "images"): ("train-images-idx3-ubyte.gz",
@@ -43,6 +44,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 _notices: set[str] = set()
+TopK = tuple[list[float], list[float], list[str], list[int]]  # (logits, probabilities, class names, class ids)
 
 
 class ChecksumError(ValueError):
@@ -356,7 +358,7 @@ def class_name(id2name: Optional[Mapping[Any, str]], c: int) -> str:
 
 
 def get_topk_pred(model: nn.Module, input: torch.Tensor, ID2Name_Map: Optional[Mapping[Any, str]],  # noqa: A002
-                  topk: int) -> tuple[list[float], list[float], list[str], list[int]]:
+                  topk: int) -> TopK:
     """Top-k (logits, probabilities, class names, class ids) of one image, best first (model never called)."""
     from .trace import Program
 
@@ -365,7 +367,7 @@ def get_topk_pred(model: nn.Module, input: torch.Tensor, ID2Name_Map: Optional[M
 
 @torch.no_grad()
 def topk_pred(program, input: torch.Tensor, ID2Name_Map: Optional[Mapping[Any, str]],  # noqa: A002
-              topk: int) -> tuple[list[float], list[float], list[str], list[int]]:
+              topk: int) -> TopK:
     """:func:`get_topk_pred` on an already traced :class:`~untangle_ext.trace.Program`."""
     if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or not 1 <= topk <= program.num_outputs:
         raise ValueError(f"topk={topk!r} must be an integer in [1, {program.num_outputs}] (the number of classes)")

@@ -70,7 +70,7 @@ def threshold_sweep(attribution: ArrayLike, path: Union[str, Path], image: Any =
 
 def slider(attribution: ArrayLike, image: Any = None, path: Union[str, Path] = "threshold_sweep.png",
            cmap: Any = "seismic"):
-    """An ipywidgets slider over the threshold when ipywidgets is installed; else :func:`threshold_sweep` to ``path``."""
+    """An ipywidgets slider over the threshold when ipywidgets is installed, else a threshold sweep → ``path``."""
     try:
         from ipywidgets import interact
     except ImportError:
