@@ -21,11 +21,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from untangle_ext import Attributor, UntangleAI, cli, loaders  # noqa: E402
+from untangle_ext import Attributor, StoreError, UntangleAI, cli, loaders  # noqa: E402
 from untangle_ext.data import load_mnist_sample  # noqa: E402
 from untangle_ext.external.signal_api import _attribute  # noqa: E402
 from untangle_ext.heatmaps import channel_sum, normalise  # noqa: E402
-from untangle_ext.models import train_lenet  # noqa: E402
+from untangle_ext.models import LeNet, train_lenet  # noqa: E402
 
 IMAGES_PER_CLASS = 8
 
@@ -367,6 +367,8 @@ def test_errors_are_clear(tut, tmp_path):
     assert not list(tmp_path.glob("w_class_*"))
     with pytest.raises(ValueError, match="yielded no images"):
         ua.estimate_signals(model, str(tmp_path / "z"), lambda c: [], _args(data_class=1))
+    with pytest.raises(StoreError, match="different model weights"):
+        _attribute(LeNet(), x, store, 4, _args())  # stores of the trained model, weights of a fresh one
     with pytest.raises(ValueError, match="ONE image"):
         ua.attribute_signals(model, x.repeat(2, 1, 1, 1), None, store, None, _args(), str(tmp_path / "e"))
     for field, value, message in [
@@ -414,3 +416,20 @@ def test_cli_estimate_and_attribute(tut, tmp_path, capsys):
         cli.main(["attribute", *model_args, "--store-prefix", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="module:factory"):
         cli.main(["estimate", "--model", "LeNet", "--store-prefix", str(tmp_path / "c")])
+
+
+def test_example_scripts_run_offline(tut, tmp_path, monkeypatch):
+    """examples/step1 and step2 on the module's checkpoint (step 0 is the same LeNet training)."""
+    import runpy
+    import shutil
+
+    examples = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
+    monkeypatch.syspath_prepend(examples)
+    shutil.copy(os.path.join(tut.root, "notebook", "lenet_mnist_model.h5"), tmp_path)
+    for script, extra in (("step1_estimate_signals.py", ["--limit", "4"]), ("step2_attribute_signals.py", [])):
+        monkeypatch.setattr(sys, "argv", [script, "--workdir", str(tmp_path), *extra])
+        runpy.run_path(os.path.join(examples, script), run_name="__main__")
+    assert len(list((tmp_path / "model_signal_data").glob("lenet_signals_class_*.pkl"))) == 10
+    results = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert sum(name.endswith(".JPEG") for name in results) == 7
+    assert any(name.endswith("_threshold_sweep.png") for name in results)

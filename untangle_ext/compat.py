@@ -117,16 +117,27 @@ def load_stores(signal_store_path: str, classes: Iterable[int]) -> dict[int, Sig
     return {c: SignalStore.load(class_store_path(signal_store_path, c)) for c in classes}
 
 
-def _checked_batches(batches: Iterable, img_size: Optional[tuple[int, ...]], label: Any) -> Iterable:
-    """Pass a loader's batches through, skipping None batches and checking image shapes against args.img_size."""
-    for batch in batches:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if x is None:
-            continue
-        if img_size is not None and tuple(x.shape[1:]) != img_size:
-            raise ValueError(f"the loader for class {label!r} yields images of shape {tuple(x.shape[1:])} but "
-                             f"args.img_size is {img_size}; fix args.img_size or the loader")
-        yield batch if isinstance(batch, (tuple, list)) else (batch, None)
+@dataclass
+class _CheckedLoader:
+    """A user's loader, passed through: None batches skipped, image shapes checked against args.img_size.
+    Keeps the loader's length, so the per-class progress bar knows its total."""
+
+    batches: Iterable
+    img_size: Optional[tuple[int, ...]]
+    label: Any
+
+    def __len__(self) -> int:
+        return len(self.batches)  # TypeError for loaders without a length: tqdm then shows counts only
+
+    def __iter__(self):
+        for batch in self.batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if x is None:
+                continue
+            if self.img_size is not None and tuple(x.shape[1:]) != self.img_size:
+                raise ValueError(f"the loader for class {self.label!r} yields images of shape {tuple(x.shape[1:])} "
+                                 f"but args.img_size is {self.img_size}; fix args.img_size or the loader")
+            yield batch if isinstance(batch, (tuple, list)) else (batch, None)
 
 
 class Visualization:
@@ -174,7 +185,7 @@ class UntangleAI:
         label = (dict(zip(a.classes, self._as_list(a.data_class))) if a.classes
                  else {c: str(c) for c in estimator.classes})
         written = estimator.fit_to_files(
-            signal_store_path, lambda c: _checked_batches(train_loader_fun(label[c]), a.img_size, label[c]), overwrite)
+            signal_store_path, lambda c: _CheckedLoader(train_loader_fun(label[c]), a.img_size, label[c]), overwrite)
         empty = [label[c] for c in estimator.classes if c not in written]
         if empty:
             raise ValueError(f"the loaders of classes {empty} yielded no images; no store was written for them")
