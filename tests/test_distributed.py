@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from untangle_ext import SignalEstimator, SignalStore, distributed
+from untangle_ext.compat import _CheckedLoader
 from untangle_ext.moments import Moments
 from untangle_ext.store import class_store_path
 from untangle_ext.trace import Program
@@ -111,6 +112,10 @@ def _worker(rank: int, port: int, out: str) -> None:
         result["written"] = est.fit_to_files(out_dir / "dist", class_batches)
         result["resumed"] = est.fit_to_files(out_dir / "dist", _no_loader)
         result["saves_on_this_rank"] = len(saves)
+
+        sharded = DataLoader(dataset(), batch_size=5, sampler=distributed.ShardSampler(dataset()))
+        wrapped = _CheckedLoader(sharded, None, 0)  # estimate_signals' wrapper keeps the sharding visible
+        result["wrapped_kept"] = distributed.shard_batches(wrapped) is wrapped
 
         padded = DataLoader(dataset(), batch_size=5, sampler=DistributedSampler(dataset(), shuffle=False))
         try:
@@ -244,6 +249,11 @@ def test_per_class_files_written_by_rank0_equal_single_process(ranks, tmp_path):
     assert results[1]["saves_on_this_rank"] == 0
     for result in results:
         assert result["written"] == result["resumed"] == {c: class_store_path(out / "dist", c) for c in range(3)}
+
+
+def test_estimate_signals_loader_wrapper_keeps_shard_sampler(ranks):
+    results, _ = ranks
+    assert results[0]["wrapped_kept"] and results[1]["wrapped_kept"]
 
 
 def test_padded_distributed_sampler_is_refused(ranks):

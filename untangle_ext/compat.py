@@ -129,6 +129,11 @@ class _CheckedLoader:
     def __len__(self) -> int:
         return len(self.batches)  # TypeError for loaders without a length: tqdm then shows counts only
 
+    @property
+    def batch_sampler(self) -> Any:
+        """The loader's batch sampler, so distributed estimation sees a ShardSampler and does not re-shard."""
+        return getattr(self.batches, "batch_sampler", None)
+
     def __iter__(self):
         for batch in self.batches:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
