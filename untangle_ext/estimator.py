@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .moments import Moments, accumulator_bytes
 from .patterns import MeanY, compute_patterns
 from .store import ALL_CLASSES, SignalStore, StoreError, class_store_path, layer_signature, model_fingerprint
@@ -96,10 +97,13 @@ class SignalEstimator:
         return table[labels]
 
     def _run(self, moments: Moments, batches: Batches, slots_fn, desc: str) -> None:
-        for batch in tqdm(batches, desc=desc, disable=not self.progress, leave=False):
+        """Accumulate this rank's shard of ``batches``; under torch.distributed, sum all ranks' moments."""
+        shard = distributed.shard_batches(batches)
+        for batch in tqdm(shard, desc=desc, disable=not (self.progress and distributed.is_main()), leave=False):
             x, labels = batch[0], batch[1]
             x = x.to(self.device, self.program.layers[0].weight.dtype)
             moments.update(x, slots_fn(labels, x))
+        distributed.all_reduce_moments(moments)
 
     def fit(self, loader: Batches) -> dict[int, SignalStore]:
         """Estimate from one loader of ``(images, labels)``: one pass per chunk of classes."""
@@ -128,22 +132,26 @@ class SignalEstimator:
 
         Classes whose store already exists and matches this model are skipped
         unless ``overwrite`` (so an interrupted run resumes where it stopped).
+        Under torch.distributed, rank 0 decides and writes; the others wait.
         """
         fingerprint = model_fingerprint(self.model)
         written: dict[int, Path] = {}
         for c in tqdm(self.classes, desc="classes", disable=not self.progress):
             path = class_store_path(prefix, c)
-            if not overwrite and path.exists() and self._is_current(path, fingerprint):
+            if not overwrite and distributed.main_decides(self._is_current, path, fingerprint):
                 written[c] = path
                 continue
             one = SignalEstimator(self.model, [c], True, self.mean_y, self.memory_budget, self.store_dtype,
                                   self.progress)
             stores = one.fit_per_class(loader_fn)
             if c in stores:
-                written[c] = stores[c].save(path)
+                written[c] = stores[c].save(path) if distributed.is_main() else path
+        distributed.barrier()
         return written
 
     def _is_current(self, path: Path, fingerprint: str) -> bool:
+        if not path.exists():
+            return False
         try:
             SignalStore.load(path).check_matches(self.program, fingerprint, str(path))
         except StoreError:
