@@ -170,7 +170,8 @@ def markdown(doc: dict) -> str:
     if doc["quick"]:
         lines += ["**Quick run: reduced sizes (see config); the numbers are NOT comparable to the targets.**", ""]
     lines += [
-        f"- date (UTC): {doc['created_utc']}; wall time {doc['wall_s']:.0f} s; command: `{doc['command']}`",
+        f"- date (UTC): {doc['created_utc']}; wall time {doc['wall_s']:.0f} s; command: `{doc['command']}`; "
+        f"commit {doc.get('git', 'unknown')}",
         f"- machine: {mach.get('cpu')} · {mach.get('cores')} cores · torch {mach.get('torch')} · "
         f"{mach.get('threads')} threads · load average at start {mach.get('loadavg_1_5_15')}",
     ]

@@ -108,6 +108,16 @@ def worker_env(backend: Optional[str]) -> dict:
     return env
 
 
+def git_revision() -> str:
+    """The checkout's commit (with ``-dirty`` for uncommitted changes), or 'unknown' outside git."""
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev.stdout.strip() or "unknown"
+
+
 def machine_tag(machine: dict, mode: str) -> str:
     """A file-name tag such as ``cpu-amd-epyc-2t`` (``-quick`` / ``-tiny`` for reduced runs)."""
     cpu = re.sub(r"[^a-z0-9]+", "-", str(machine.get("cpu", "unknown")).lower()).strip("-")[:40]
@@ -148,7 +158,7 @@ def run_suite(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     doc = {
         "schema": "untangle_ext-bench/1", "tag": args.tag or machine_tag(machine, cfg["mode"]),
         "created_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(["python -m benchmarks", *argv]), "quick": cfg["mode"] != "full",
+        "command": " ".join(["python -m benchmarks", *argv]), "git": git_revision(), "quick": cfg["mode"] != "full",
         "config": {k: v for k, v in cfg.items() if k != "stores_dir"}, "machine": machine,
         "backends": backends, "measurements": measurements,
         "ratios": report.ratios(results, est_keys, att_keys), "targets": report.targets(results),
