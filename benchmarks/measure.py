@@ -52,6 +52,7 @@ def forward_profile(model: nn.Module, example: torch.Tensor) -> dict:
     """
     flops = 0
     storages: dict[int, int] = {example.untyped_storage().data_ptr(): example[:1].numel()}
+    alive: list[torch.Tensor] = []  # keep outputs alive so no freed address is reused and merged
 
     def hook(module: nn.Module, inputs, output) -> None:
         nonlocal flops
@@ -62,6 +63,7 @@ def forward_profile(model: nn.Module, example: torch.Tensor) -> dict:
             flops += 2 * d * output.shape[1] * output.shape[2] * output.shape[3]
         if isinstance(output, torch.Tensor):
             storages[output.untyped_storage().data_ptr()] = output[:1].numel()
+            alive.append(output)
 
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
