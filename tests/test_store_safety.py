@@ -155,7 +155,7 @@ def test_no_code_runs_on_load(stores, tmp_path):
     torch.save(hostile, path)  # a real torch zip archive with a __reduce__ payload inside
     with pytest.raises(StoreUnsafeError, match="NOT executed") as err:
         SignalStore.load(path)
-    assert str(path) in str(err.value) and not target.exists()
+    assert str(path) in str(err.value) and "GLOBAL getattr" in str(err.value) and not target.exists()
     raw = tmp_path / "raw_class_0.pkl"
     raw.write_bytes(pickle.dumps(_Payload(target)))  # a bare pickle (not a zip) is refused before unpickling
     with pytest.raises(StoreCorruptError):
