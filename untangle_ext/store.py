@@ -260,7 +260,7 @@ def _corrupt(path: Path, exc: BaseException) -> StoreCorruptError:
 
 
 def _unsafe_detail(message: str) -> str:
-    found = re.search(r"GLOBAL [\w.]+|Unsupported [\w ]+", message)
+    found = re.search(r"GLOBAL [\w.]+", message) or re.search(r"Unsupported [\w ]+", message)
     return found.group(0)[:120] if found else "an object that is not a tensor or plain data"
 
 
