@@ -69,7 +69,7 @@ def test_roundtrip_keeps_every_field(model, stores, saved):
 def test_changed_weights_is_a_weights_error(saved):
     other = tiny_model(seed=1)
     store = SignalStore.load(saved)
-    with pytest.raises(StoreWeightsError, match="different weights") as err:
+    with pytest.raises(StoreWeightsError, match="different model weights") as err:
         Attributor(other, {0: store})
     assert str(saved) in str(err.value) and "checkpoint" in str(err.value)
     assert isinstance(err.value, StoreModelMismatchError)

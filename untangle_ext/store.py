@@ -190,7 +190,7 @@ class SignalStore:
                 "Load the model the store was made for, or estimate the signals for this model")
         if fingerprint is not None and fingerprint != self.fingerprint:
             raise StoreWeightsError(
-                f"{source} was estimated for different weights of this architecture (model fingerprint "
+                f"{source} was estimated for different model weights (same architecture; model fingerprint "
                 f"{fingerprint[:12]}…, store {self.fingerprint[:12]}…): the model was retrained or another "
                 "checkpoint was loaded. Load the checkpoint the store was made for, or estimate the signals again")
 
@@ -373,7 +373,7 @@ def _validate(data: Any, source: str) -> None:
     if class_id >= num_classes or (class_id == ALL_CLASSES) == estimator["per_class"]:
         raise chk.fail("class_id", f"{class_id} does not fit a model with {num_classes} outputs and "
                                    f"per_class={estimator['per_class']}")
-    _validate_patterns(chk, data["patterns"], layers, STORE_DTYPES[estimator["store_dtype"]])
+    _validate_patterns(chk, data["patterns"], layers)
 
 
 def _validate_layers(chk: _Checker, layers: Any) -> list[dict[str, Any]]:
@@ -393,14 +393,14 @@ def _validate_layers(chk: _Checker, layers: Any) -> list[dict[str, Any]]:
     return layers
 
 
-def _validate_patterns(chk: _Checker, patterns: Any, layers: list[dict[str, Any]], dtype: torch.dtype) -> None:
+def _validate_patterns(chk: _Checker, patterns: Any, layers: list[dict[str, Any]]) -> None:
     chk.keys(patterns, "patterns", [l["name"] for l in layers])
     for layer in layers:
         name, shape = layer["name"], layer["weight_shape"]
         where = f"patterns[{name[:40]!r}]"
         p = chk.keys(patterns[name], where, PATTERN_KEYS + COUNT_KEYS)
         for key in PATTERN_KEYS:
-            p[key] = chk.tensor(p[key], f"{where}.{key}", shape, (dtype,))
+            p[key] = chk.tensor(p[key], f"{where}.{key}", shape, STORE_DTYPES.values())
         n_pos = chk.tensor(p["n_pos"], f"{where}.n_pos", shape[:1], (torch.float64,))
         n = chk.tensor(p["n"], f"{where}.n", [], (torch.float64,))
         p["n_pos"], p["n"] = n_pos, n
