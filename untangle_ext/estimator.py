@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
@@ -147,7 +148,7 @@ class SignalEstimator:
         busy = []
         for c in tqdm(self.classes, desc="classes", disable=not self.progress):
             path = class_store_path(prefix, c)
-            if self._is_current(path, fingerprint, c, fresh_since):
+            if self._not_current(path, fingerprint, c, fresh_since) is None:
                 written[c] = path
                 continue
             lock = ClassLock.try_acquire(path, enabled=not _distributed())
@@ -165,7 +166,10 @@ class SignalEstimator:
     def _class_to_file(self, c: int, path: Path, loader_fn: Callable[[int], Batches], fingerprint: str,
                        fresh_since: Optional[int], written: dict[int, Path]) -> None:
         """Estimate class ``c`` into ``path`` unless (under the lock) another process just did."""
-        if not self._is_current(path, fingerprint, c, fresh_since):
+        reason = self._not_current(path, fingerprint, c, fresh_since)
+        if reason is not None:
+            if fresh_since is None and path.exists():
+                warnings.warn(f"replacing {path}: {reason}", UserWarning, stacklevel=3)
             remove_orphan_temps(path)
             one = copy.copy(self)
             one.classes = [c]
@@ -175,15 +179,15 @@ class SignalEstimator:
             stores[c].save(path)
         written[c] = path
 
-    def _is_current(self, path: Path, fingerprint: str, class_id: int, fresh_since: Optional[int]) -> bool:
-        """``path`` holds a valid store of ``class_id`` for this model (written after ``fresh_since`` if given)."""
+    def _not_current(self, path: Path, fingerprint: str, class_id: int, fresh_since: Optional[int]) -> Optional[str]:
+        """Why ``path`` is not a valid store of ``class_id`` for this model (written after ``fresh_since``), or None."""
         try:
             if fresh_since is not None and path.stat().st_mtime_ns < fresh_since:
-                return False
+                return "overwrite=True"
             SignalStore.load(path, expected_class=class_id).check_matches(self.program, fingerprint)
-        except (OSError, StoreError):
-            return False
-        return True
+        except (OSError, StoreError) as exc:
+            return str(exc)
+        return None
 
     def _stores(self, moments: Moments, chunk: list[int]) -> dict[int, SignalStore]:
         """Turn accumulated moments into one store per class that saw at least one sample."""
