@@ -25,6 +25,7 @@ from untangle_ext.store import (FORMAT_VERSION, SignalStore, StoreArchitectureEr
                                 class_store_path, load_class_stores, model_fingerprint)
 
 WORKER = Path(__file__).with_name("_estimate_worker.py")
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
 
 @pytest.fixture(scope="module")
@@ -331,11 +332,12 @@ def test_two_writers_of_the_same_classes_share_the_work(model, tmp_path):
             time.sleep(0.05)
             yield batch
 
-    def run():
+    def run(estimator):
         go.wait()
-        SignalEstimator(model, progress=False).fit_to_files(prefix, loader_fn)
+        estimator.fit_to_files(prefix, loader_fn)
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
+    # trace before the threads start: torch.fx tracing patches globals and is not thread-safe
+    threads = [threading.Thread(target=run, args=(SignalEstimator(model, progress=False),)) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -365,12 +367,14 @@ def test_waits_for_a_class_another_process_finishes(model, tmp_path):
 
     def finish_elsewhere():
         time.sleep(0.5)
-        SignalEstimator(model, classes=[0], progress=False).fit(class_batches(0))[0].save(path)
+        elsewhere.fit(class_batches(0))[0].save(path)
         lock.release()
 
+    elsewhere = SignalEstimator(model, classes=[0], progress=False)  # traced here: fx tracing is not thread-safe
+    estimator = SignalEstimator(model, progress=False)
     helper = threading.Thread(target=finish_elsewhere)
     helper.start()
-    written = SignalEstimator(model, progress=False).fit_to_files(
+    written = estimator.fit_to_files(
         prefix, lambda c: calls.append(c) or class_batches(c))
     helper.join()
     assert sorted(written) == [0, 1, 2] and calls == [1, 2]  # class 0 was taken from the other "process"
