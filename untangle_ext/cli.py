@@ -13,6 +13,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quality(args: argparse.Namespace) -> int:
+    from .quality.report import run_quality
+
+    result = run_quality(out=Path(args.out), cache=Path(args.cache), images=args.images, patch=args.patch,
+                         max_neurons=args.max_neurons, seed=args.seed)
+    for layer, by_est in result["rho"].items():
+        print(f"rho {layer:>14}: " + "  ".join(f"{e} {v['rho']:.3f}" for e, v in by_est.items()))
+    for exp, aucs in result["auc"].items():
+        print(f"AUC {exp:>14}: " + "  ".join(f"{n} {a:.3f}" for n, a in aucs.items()))
+    print(f"wrote rho.png, degradation.png, quality.json to {Path(args.out).resolve()}/ "
+          f"in {result['seconds']['total']:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="untangle-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -22,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--digits", type=int, default=4, help="held-out digits to explain")
     demo.add_argument("--topk", type=int, default=3, help="classes per digit")
     demo.set_defaults(func=_demo)
+    quality = sub.add_parser("quality", help="signal quality rho(S) per layer and image degradation on MNIST")
+    quality.add_argument("--out", default="results/quality", help="output folder for figures and quality.json")
+    quality.add_argument("--cache", default=".cache/lenet_mnist.pt", help="trained LeNet checkpoint (reused)")
+    quality.add_argument("--images", type=int, default=300, help="held-out images for the degradation curves")
+    quality.add_argument("--patch", type=int, default=4, help="degradation patch size (must divide 28)")
+    quality.add_argument("--max-neurons", type=int, default=64, help="neurons sampled per layer for rho")
+    quality.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    quality.set_defaults(func=_quality)
     return parser
 
 
