@@ -100,6 +100,17 @@ def test_neuron_rho_matches_explicit_least_squares():
     np.testing.assert_allclose(got, _explicit_rho(x_fit, x_eval, w, b, s_pos, s_neg), rtol=0, atol=1e-9)
 
 
+def test_neuron_rho_singular_rank_one_distractor_without_ridge():
+    """S_w's distractor is always orthogonal to w: with ridge=0 the singular system falls back to lstsq."""
+    rng = np.random.default_rng(1)
+    x_fit, x_eval = rng.normal(size=(300, 4)) @ rng.normal(size=(4, 4)), rng.normal(size=(200, 4))
+    w, b = rng.normal(size=(2, 4)), np.zeros(2)
+    s = w / (w * w).sum(1, keepdims=True)
+    t = torch.from_numpy
+    got = neuron_rho(t(x_fit), t(x_eval), t(w), t(b), t(s), t(s), ridge=0.0).numpy()
+    np.testing.assert_allclose(got, _explicit_rho(x_fit, x_eval, w, b, s, s), rtol=0, atol=1e-8)
+
+
 def test_neuron_rho_constant_output_is_skipped_and_missing_distractor_is_perfect():
     x = torch.randn(200, 3, dtype=torch.float64)
     w = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)

@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     quality = sub.add_parser("quality", help="signal quality rho(S) per layer and image degradation on MNIST")
     quality.add_argument("--out", default="results/quality", help="output folder for figures and quality.json")
     quality.add_argument("--cache", default=".cache/lenet_mnist.pt", help="trained LeNet checkpoint (reused)")
-    quality.add_argument("--images", type=int, default=300, help="held-out images for the degradation curves")
+    quality.add_argument("--images", type=int, default=200, help="held-out images for the degradation curves")
     quality.add_argument("--patch", type=int, default=4, help="degradation patch size (must divide 28)")
-    quality.add_argument("--max-neurons", type=int, default=64, help="neurons sampled per layer for rho")
+    quality.add_argument("--max-neurons", type=int, default=32, help="neurons sampled per layer for rho")
     quality.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     quality.set_defaults(func=_quality)
     return parser

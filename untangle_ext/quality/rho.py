@@ -95,7 +95,10 @@ def _fit_regressions(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, s_pos: t
     scale = cov_d.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-300)
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
     system = cov_d + (ridge * scale).view(-1, 1, 1) * eye
-    return torch.linalg.solve(system, cov_dy.unsqueeze(2)).squeeze(2)
+    chol, info = torch.linalg.cholesky_ex(system)
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(cov_dy.unsqueeze(2), chol).squeeze(2)
+    return torch.linalg.lstsq(system, cov_dy.unsqueeze(2)).solution.squeeze(2)  # ridge=0 and singular
 
 
 def _correlations(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, s_pos: torch.Tensor,
@@ -164,7 +167,7 @@ def signal_quality(
     fit_images: torch.Tensor,
     eval_images: torch.Tensor,
     estimators: Iterable[str] = ESTIMATORS,
-    max_neurons: int = 64,
+    max_neurons: int = 32,
     positions: int = 4,
     ridge: float = RIDGE,
     seed: int = 0,
