@@ -268,3 +268,29 @@ def test_score_maps_rejects_unknown_ranking():
     model, fit, explain = _irrelevant_right_half()
     with pytest.raises(ValueError, match="unknown ranking"):
         score_maps(model, None, explain, rankings=("lrp",))
+
+
+def test_quality_job_writes_figures_and_json(tmp_path, monkeypatch):
+    """The job end to end on a small slice of the sample and an untrained LeNet (the real run takes minutes)."""
+    import json
+
+    from untangle_ext.data import load_mnist_sample
+    from untangle_ext.models import LeNet
+    from untangle_ext.quality import report
+
+    torch.manual_seed(0)
+    model = LeNet().eval()
+    before = _state(model)
+    monkeypatch.setattr(report, "load_or_train_lenet", lambda cache, **kw: (model, 0.1))
+    monkeypatch.setattr(report, "load_mnist_sample",
+                        lambda split: tuple(t[::20] for t in load_mnist_sample(split)))
+    result = report.run_quality(out=tmp_path / "q", images=2, patch=7, deletion_points=3, max_neurons=2,
+                                positions=1, progress=False)
+    files = {p.name: p for p in (tmp_path / "q").iterdir()}
+    assert set(files) == {"rho.png", "degradation.png", "quality.json"}
+    assert all(p.stat().st_mode & 0o044 for p in files.values())  # not left at mkstemp's 0600
+    saved = json.loads(files["quality.json"].read_text())
+    assert saved["auc"] == result["auc"] and set(saved["rho"]) == {"features.0", "features.3", "classifier.0",
+                                                                   "classifier.2"}
+    assert len(saved["curves"]["deletion"]["random"]["fractions"]) == 3
+    _assert_unchanged(model, before)

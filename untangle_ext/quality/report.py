@@ -46,6 +46,9 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
@@ -73,7 +76,8 @@ def rho_figure(rho: dict, path: Path) -> Path:
     ax.set_ylabel("ρ(S)  (1 = no signal left in the distractor)")
     ax.set_title("Signal quality per layer, LeNet on MNIST (held-out split)")
     ax.axhline(1.0, color="gray", lw=0.5)
-    ax.legend(fontsize=8, ncols=4, loc="lower center")
+    ax.set_ylim(0, 1.2)
+    ax.legend(fontsize=8, ncols=4, loc="upper center")
     return _atomic_write(path, lambda p: (fig.savefig(p, dpi=100, format="png"), plt.close(fig)))
 
 
