@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from untangle_ext import SignalEstimator
+from untangle_ext import SignalEstimator, StoreError
 from untangle_ext.quality import (area_under_curve, degradation_curve, neuron_rho, patch_scores, score_maps,
                                   signal_directions, signal_quality)
 from untangle_ext.quality.rho import layer_inputs
@@ -161,6 +161,11 @@ def test_signal_quality_on_a_convnet_leaves_the_model_alone():
     assert model.training
     with pytest.raises(ValueError, match="unknown estimator"):
         signal_quality(model, store, x[:10], x[10:20], estimators=["S_x"], progress=False)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[4].bias.add_(1.0)
+    with pytest.raises(StoreError, match="different model weights"):
+        signal_quality(other, store, x[:10], x[10:20], progress=False)
 
 
 # ---------------------------------------------------------------- degradation

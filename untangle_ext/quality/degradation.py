@@ -95,23 +95,25 @@ def degradation_curve(
     called or modified.
     """
     program = model if isinstance(model, Program) else Program(model)
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W); got shape {tuple(images.shape)}")
     b, c, h, w = images.shape
     _check_patch(h, w, patch)
     num = (h // patch) * (w // patch)
     if scores.shape != (b, num):
         raise ValueError(f"scores must be (images, patches) = ({b}, {num}); got {tuple(scores.shape)}")
-    dtype = program.layers[0].weight.dtype
-    x = images.to(dtype)
-    fill_t = torch.as_tensor(fill, dtype=dtype).reshape(1, -1, 1, 1).expand(b, c, h, w)
-    ranks = _pixel_ranks(scores, h, w, patch).unsqueeze(1)
+    weight = program.layers[0].weight
+    x = images.to(weight.device, weight.dtype)
+    fill_t = torch.as_tensor(fill).to(x).reshape(1, -1, 1, 1).expand(b, c, h, w)
+    ranks = _pixel_ranks(scores.to(x.device), h, w, patch).unsqueeze(1)
     counts = torch.linspace(0, num, (num + 1) if points is None else points).round().long().unique()
     predicted = _logits(program, x, batch_size).argmax(1)
     probs = []
     for n in tqdm(counts.tolist(), desc=desc, disable=desc is None, leave=False):
         degraded = torch.where(ranks < n, fill_t, x)
         p = torch.softmax(_logits(program, degraded, batch_size).double(), 1)
-        probs.append(p.gather(1, predicted.unsqueeze(1)).squeeze(1))
-    return Curve(counts.double() / num, counts, torch.stack(probs), predicted)
+        probs.append(p.gather(1, predicted.unsqueeze(1)).squeeze(1).cpu())
+    return Curve(counts.double() / num, counts, torch.stack(probs), predicted.cpu())
 
 
 def _logits(program: Program, x: torch.Tensor, batch_size: int) -> torch.Tensor:

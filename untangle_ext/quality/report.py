@@ -102,11 +102,10 @@ def _degradation(model, stores, images, fill, patch, deletion_points, progress) 
     maps = score_maps(model, stores, images)
     out: dict[str, dict[str, Curve]] = {"degradation": {}, "deletion": {}}
     for name, m in maps.items():
-        desc = (lambda what: f"{what}: {name}") if progress else (lambda what: None)
         out["degradation"][name] = degradation_curve(program, images, patch_scores(m, patch), patch, fill,
-                                                     desc=desc("degradation"))
-        out["deletion"][name] = degradation_curve(program, images, patch_scores(m, 1), 1, 0.0,
-                                                  points=deletion_points, desc=desc("deletion"))
+                                                     desc=f"degradation: {name}" if progress else None)
+        out["deletion"][name] = degradation_curve(program, images, patch_scores(m, 1), 1, 0.0, points=deletion_points,
+                                                  desc=f"deletion: {name}" if progress else None)
     return out
 
 

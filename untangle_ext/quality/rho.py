@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..store import SignalStore
+from ..store import SignalStore, model_fingerprint
 from ..trace import Affine, Program
 
 ESTIMATORS = ("random", "S_w", "S_a", "S_a±")
@@ -133,18 +133,20 @@ def neuron_rho(x_fit: torch.Tensor, x_eval: torch.Tensor, weight: torch.Tensor, 
 def layer_inputs(program: Program, images: torch.Tensor, positions: int, generator: torch.Generator,
                  batch_size: int = 256) -> dict[str, torch.Tensor]:
     """Every affine layer's input as float64 rows (N, D); conv layers give ``positions`` random patches per image."""
-    if any(layer.kind == "conv2d" and layer.groups != 1 for layer in program.layers):
-        raise ValueError("ρ(S) supports Conv2d layers with groups=1 only (a grouped neuron sees part of the patch)")
+    grouped = [layer.name for layer in program.layers if layer.kind == "conv2d" and layer.groups != 1]
+    if grouped:
+        raise ValueError(f"ρ(S) supports Conv2d layers with groups=1 only; {grouped} are grouped "
+                         "(a grouped neuron sees part of the patch). Measure a model without grouped convolutions.")
     rows: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in program.layers}
 
     def capture(layer: Affine, inp: torch.Tensor) -> torch.Tensor:
         rows[layer.name].append(_sample_rows(layer, inp, positions, generator))
         return layer.forward(inp)
 
-    dtype = program.layers[0].weight.dtype
+    weight = program.layers[0].weight
     with torch.no_grad():
         for i in range(0, images.shape[0], batch_size):
-            program.forward(images[i:i + batch_size].to(dtype), affine=capture)
+            program.forward(images[i:i + batch_size].to(weight.device, weight.dtype), affine=capture)
     return {name: torch.cat(r).double() for name, r in rows.items()}
 
 
@@ -186,7 +188,7 @@ def signal_quality(
         if e not in ESTIMATORS:
             raise ValueError(f"unknown estimator {e!r}; use some of {ESTIMATORS}")
     program = Program(model)
-    store.check_matches(program, source="the signal store passed to signal_quality")
+    store.check_matches(program, model_fingerprint(model), source="the signal store passed to signal_quality")
     gen = torch.Generator().manual_seed(seed)
     x_fit = layer_inputs(program, fit_images, positions, gen)
     x_eval = layer_inputs(program, eval_images, positions, gen)
