@@ -57,12 +57,13 @@ def area_under_curve(fractions: torch.Tensor, values: torch.Tensor) -> float:
 def patch_scores(attributions: torch.Tensor, patch: int) -> torch.Tensor:
     """Summed attribution (over channels and pixels) of each patch, (B, P) in row-major patch order."""
     b, _, h, w = attributions.shape
-    _check_patch(h, w, patch)
+    check_patch(h, w, patch)
     s = attributions.sum(1).reshape(b, h // patch, patch, w // patch, patch)
     return s.sum((2, 4)).reshape(b, -1)
 
 
-def _check_patch(h: int, w: int, patch: int) -> None:
+def check_patch(h: int, w: int, patch: int) -> None:
+    """Raise a clear error unless ``patch`` tiles an ``h``×``w`` image exactly."""
     if patch < 1 or h % patch or w % patch:
         raise ValueError(f"patch size {patch} must be >= 1 and divide the image size {h}x{w}; "
                          f"choose a divisor (e.g. 4 or 7 for 28x28)")
@@ -98,7 +99,7 @@ def degradation_curve(
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W); got shape {tuple(images.shape)}")
     b, c, h, w = images.shape
-    _check_patch(h, w, patch)
+    check_patch(h, w, patch)
     num = (h // patch) * (w // patch)
     if scores.shape != (b, num):
         raise ValueError(f"scores must be (images, patches) = ({b}, {num}); got {tuple(scores.shape)}")

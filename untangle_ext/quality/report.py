@@ -27,7 +27,7 @@ from ..estimator import SignalEstimator  # noqa: E402
 from ..models import load_or_train_lenet  # noqa: E402
 from ..store import ALL_CLASSES  # noqa: E402
 from ..trace import Program  # noqa: E402
-from .degradation import Curve, degradation_curve, patch_scores, score_maps  # noqa: E402
+from .degradation import Curve, check_patch, degradation_curve, patch_scores, score_maps  # noqa: E402
 from .rho import ESTIMATORS, signal_quality  # noqa: E402
 
 LABELS = {
@@ -114,11 +114,12 @@ def run_quality(out: Path = Path("results/quality"), cache: Path = Path(".cache/
                 positions: int = 4, seed: int = 0, progress: bool = True) -> dict:
     """Run both experiments and write ``rho.png``, ``degradation.png`` and ``quality.json`` under ``out``."""
     start = time.perf_counter()
+    x_train, y_train = load_mnist_sample("train")
+    x_test, _ = load_mnist_sample("test")
+    check_patch(x_test.shape[2], x_test.shape[3], patch)  # fail before minutes of work, not after
     torch.manual_seed(seed)
     model, accuracy = load_or_train_lenet(cache, progress=progress)
     t_model = time.perf_counter() - start
-    x_train, y_train = load_mnist_sample("train")
-    x_test, _ = load_mnist_sample("test")
     perm = torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(seed))
     half_a, half_b = perm[: len(perm) // 2], perm[len(perm) // 2:]
 
