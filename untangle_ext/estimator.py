@@ -21,8 +21,8 @@ from . import distributed
 from .moments import Moments, accumulator_bytes
 from .patterns import MeanY, compute_patterns
 from .locking import ClassLock
-from .store import (ALL_CLASSES, SignalStore, StoreError, class_store_path, layer_signature, model_fingerprint,
-                    remove_orphan_temps)
+from ._io import remove_orphan_temps
+from .store import ALL_CLASSES, SignalStore, StoreError, class_store_path, layer_signature, model_fingerprint
 from .trace import Program
 from .validation import InputChecker, batches_of, check_labels, split_batch, warn_empty
 

@@ -10,13 +10,11 @@ the same directory, fsync of the file and of the directory, rename).
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import math
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
+from ._io import atomic_write
 from ._version import __version__
 from .trace import Program
 
@@ -415,68 +414,9 @@ def _validate_patterns(chk: _Checker, patterns: Any, layers: list[dict[str, Any]
 # Writing
 
 
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
-def _temp_prefix(path: Path) -> str:
-    """Temp files are hidden (leading dot) so they never show up under a store's name."""
-    return f".{path.name}."
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable; a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a hidden temp file in the same directory, fsync it, rename over ``path``, fsync the dir."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), 0o666 & ~_umask())
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def remove_orphan_temps(path: PathLike) -> list[Path]:
-    """Delete temp files a killed writer of ``path`` left behind; call only while holding ``path``'s lock."""
-    path = Path(path)
-    pattern = os.path.join(glob.escape(str(path.parent)), glob.escape(_temp_prefix(path)) + "*.tmp")
-    removed = []
-    for tmp in glob.glob(pattern):
-        try:
-            os.unlink(tmp)
-            removed.append(Path(tmp))
-        except FileNotFoundError:
-            pass
-    return removed
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """``torch.save`` through :func:`untangle_ext._io.atomic_write` (temp file, fsync, rename)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def class_store_path(prefix: PathLike, class_id: int) -> Path:

@@ -9,11 +9,8 @@ all 4,000 training images; the degradation runs on held-out test images.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import matplotlib
 
@@ -22,8 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from .._io import atomic_write  # noqa: E402
 from ..data import load_mnist_sample  # noqa: E402
 from ..estimator import SignalEstimator  # noqa: E402
+from ..heatmaps import write_figure  # noqa: E402
 from ..models import load_or_train_lenet  # noqa: E402
 from ..store import ALL_CLASSES  # noqa: E402
 from ..trace import Program  # noqa: E402
@@ -38,24 +37,6 @@ LABELS = {
     "input_x_gradient": "input × gradient (S_x)",
     "random": "random order",
 }
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through a temp file in the same folder, then rename: never a half-written ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> DataLoader:
@@ -78,7 +59,9 @@ def rho_figure(rho: dict, path: Path) -> Path:
     ax.axhline(1.0, color="gray", lw=0.5)
     ax.set_ylim(0, 1.2)
     ax.legend(fontsize=8, ncols=4, loc="upper center")
-    return _atomic_write(path, lambda p: (fig.savefig(p, dpi=100, format="png"), plt.close(fig)))
+    write_figure(fig, path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def curves_figure(curves: dict[str, dict[str, Curve]], titles: dict[str, str], path: Path) -> Path:
@@ -93,7 +76,9 @@ def curves_figure(curves: dict[str, dict[str, Curve]], titles: dict[str, str], p
         ax.set_title(titles[exp], fontsize=10)
         ax.set_ylim(0, 1.02)
         ax.legend(fontsize=7)
-    return _atomic_write(path, lambda p: (fig.savefig(p, dpi=100, format="png"), plt.close(fig)))
+    write_figure(fig, path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _degradation(model, stores, images, fill, patch, deletion_points, progress) -> dict[str, dict[str, Curve]]:
@@ -155,5 +140,5 @@ def run_quality(out: Path = Path("results/quality"), cache: Path = Path(".cache/
     out = Path(out)
     rho_figure(rho, out / "rho.png")
     curves_figure(curves, titles, out / "degradation.png")
-    _atomic_write(out / "quality.json", lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
+    atomic_write(out / "quality.json", lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
     return result
