@@ -49,7 +49,7 @@ def toy():
         model[0].weight.copy_(torch.tensor([[1.0, -1.0]]))
     x_a = _toy_split(4000, 1)
     store = SignalEstimator(model, per_class=False, store_dtype=torch.float64, progress=False).fit(
-        [(x_a, torch.zeros(len(x_a)))])[ALL_CLASSES]
+        [(x_a, torch.zeros(len(x_a), dtype=torch.long))])[ALL_CLASSES]
     return model, store
 
 
