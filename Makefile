@@ -14,7 +14,7 @@ PY           = $(VENV)/bin/python
 STAMP        = $(VENV)/.stamp
 TORCH_STAMP  = $(VENV)/.torch-$(TORCH_SPEC)$(if $(TORCH_INDEX),-custom-index)
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test quality bench clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,9 @@ $(STAMP): pyproject.toml setup.py $(TORCH_STAMP)
 
 demo: venv
 	$(PY) -m untangle_ext.cli demo
+
+quality: venv
+	$(PY) -m untangle_ext.cli quality --out docs/quality
 
 test: venv
 	$(PY) -m pytest -q -x --durations=15

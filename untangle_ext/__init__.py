@@ -9,5 +9,5 @@ from .trace import Program, UnsupportedModelError
 
 __all__ = [
     "__version__", "ALL_CLASSES", "METHODS", "Attributor", "Explanation", "Program", "SignalEstimator",
-    "SignalStore", "StoreError", "UnsupportedModelError", "backend", "estimate", "model_fingerprint",
+    "SignalStore", "StoreError", "UnsupportedModelError", "UntangleAI", "backend", "estimate", "model_fingerprint",
 ]

@@ -169,6 +169,32 @@ def _add_attribute(sub) -> None:
     p.set_defaults(func=_attribute)
 
 
+@_user_errors
+def _quality(args: argparse.Namespace) -> int:
+    from .quality.report import run_quality
+
+    result = run_quality(out=Path(args.out), cache=Path(args.cache), images=args.images, patch=args.patch,
+                         max_neurons=args.max_neurons, seed=args.seed)
+    for layer, by_est in result["rho"].items():
+        print(f"rho {layer:>14}: " + "  ".join(f"{e} {v['rho']:.3f}" for e, v in by_est.items()))
+    for exp, aucs in result["auc"].items():
+        print(f"AUC {exp:>14}: " + "  ".join(f"{n} {a:.3f}" for n, a in aucs.items()))
+    print(f"wrote rho.png, degradation.png, quality.json to {Path(args.out).resolve()}/ "
+          f"in {result['seconds']['total']:.1f} s")
+    return 0
+
+
+def _add_quality(sub) -> None:
+    p = sub.add_parser("quality", help="signal quality rho(S) per layer and image degradation on MNIST")
+    p.add_argument("--out", default="results/quality", help="output folder for figures and quality.json")
+    p.add_argument("--cache", default=".cache/lenet_mnist.pt", help="trained LeNet checkpoint (reused)")
+    p.add_argument("--images", type=int, default=200, help="held-out images for the degradation curves")
+    p.add_argument("--patch", type=int, default=4, help="degradation patch size (must divide 28)")
+    p.add_argument("--max-neurons", type=int, default=32, help="neurons sampled per layer for rho")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    p.set_defaults(func=_quality)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="untangle-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
     _add_estimate(sub)
     _add_attribute(sub)
+    _add_quality(sub)
     return parser
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from ._io import atomic_write
 
 HM_DIFF_MODES = ("joint", "single")
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -135,31 +136,6 @@ def overlay(heat_rgb: np.ndarray, image: Any, alpha: float = 0.7) -> np.ndarray:
     return (alpha * heat_rgb + (1.0 - alpha) * background).astype(np.float32)
 
 
-def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(file)`` on a temp file next to ``path``, fsync, then rename: never a half-written ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_figure(path: PathLike, panels: Sequence[np.ndarray], titles: Optional[Sequence[str]] = None,
                 cmap: Any = "seismic", cols: Optional[int] = None, min_pixels: int = 320, dpi: int = 100,
                 label: str = "relative attribution") -> Path:
@@ -194,9 +170,14 @@ def save_figure(path: PathLike, panels: Sequence[np.ndarray], titles: Optional[S
     bar = fig.colorbar(ScalarMappable(Normalize(-1.0, 1.0), colormap(cmap)), ax=list(axes), ticks=[-1, 0, 1],
                        fraction=0.05, shrink=0.8)
     bar.set_label(label, fontsize=8)
+    return write_figure(fig, path)
+
+
+def write_figure(fig: Any, path: PathLike, **savefig_kw: Any) -> Path:
+    """Save a matplotlib figure atomically in the format its suffix names (JPEG at quality 95)."""
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
     extra = {"pil_kwargs": {"quality": 95}} if fmt in ("jpg", "jpeg") else {}
-    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, **extra))
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, **extra, **savefig_kw))
 
 
 def save_json(path: PathLike, payload: dict) -> Path:

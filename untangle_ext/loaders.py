@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .data import load_mnist_sample
-from .heatmaps import atomic_write
+from ._io import atomic_write
 
 PathLike = Union[str, "os.PathLike[str]"]
 MNIST_DIR_ENV = "UNTANGLE_EXT_MNIST_DIR"
