@@ -5,7 +5,8 @@
 //   y      (N, K, Ho, Wo)   xs * W (mm / convolution)                       [ATen]
 //   z      (N, K, Ho, Wo)   y + out_offset, in the caller's row order       [fused design pass]
 //   design (M, G*(3Kg+1), Ho, Wo)  [y | gate | gate*y | 1] of the M accumulated rows, same pass
-//   mat[s] += design_s^T xs_s per slot segment (mm / convolution weight grad, no im2col)
+//   mat[s] += design_s^T xs_s per slot segment (mm / convolution weight grad, no im2col);
+//            small Linear segments use an in-place float64 addmm instead
 // xs, y (linear) and design live in reused scratch buffers: no large allocation per batch.
 #include "untangle.h"
 
@@ -17,6 +18,11 @@
 
 namespace untangle {
 namespace {
+
+// Up to this many rows per slot, a Linear layer's products go straight into the float64
+// accumulator (MKL/cuBLAS dgemm with beta=1): cheaper than an fp32 product plus a pass over
+// the whole (3K+1, D) accumulator, and exact to float64 (measured crossover ~50-100 rows).
+constexpr int64_t kDirectRows = 64;
 
 struct Geometry {
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups;
@@ -106,6 +112,10 @@ at::Tensor accumulate(const at::Tensor& x4, const at::Tensor& weight, const at::
     const int64_t m0 = so.seg[s], rows = so.seg[s + 1] - m0;
     if (rows == 0) continue;
     at::Tensor ds = design.narrow(0, m0, rows), xss = xs.narrow(0, m0, rows), prod;
+    if (linear && rows <= kDirectRows) {  // few rows: a float64 rank-`rows` update in place, no temporary
+      mat.select(0, s).view({dk, c}).addmm_(ds.view({rows, dk}).t().to(at::kDouble), xss.view({rows, c}).to(at::kDouble));
+      continue;
+    }
     if (linear) {
       prod = scratch("prod", x4, wt, {dk, c});
       at::mm_out(prod, ds.view({rows, dk}).t(), xss.view({rows, c}));
