@@ -42,14 +42,14 @@ def _extensions():
               "(install with --no-build-isolation)", file=sys.stderr)
         return [], {}
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    args = {"cxx": ["-O3", "-g0", "-fopenmp", "-std=c++17"]}
+    args = {"cxx": ["-O3", "-g0", "-fopenmp"]}  # torch picks the C++ standard
     cuda_home = cpp_extension.CUDA_HOME
     nvcc = (cuda_home and shutil.which(os.path.join(cuda_home, "bin", "nvcc"))) or shutil.which("nvcc")
     use_cuda = torch.version.cuda is not None and bool(nvcc) and not _flag("UNTANGLE_EXT_NO_CUDA")
     kwargs = dict(extra_compile_args=args, extra_link_args=["-fopenmp"])
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # required when no GPU is visible
-        args["nvcc"] = ["-O3", "-std=c++17"]
+        args["nvcc"] = ["-O3"]
         ext = cpp_extension.CUDAExtension(
             "untangle_ext._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
             include_dirs=_cuda_include_dirs(), **kwargs)

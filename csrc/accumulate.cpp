@@ -23,6 +23,9 @@ namespace {
 // accumulator (MKL/cuBLAS dgemm with beta=1): cheaper than an fp32 product plus a pass over
 // the whole (3K+1, D) accumulator, and exact to float64 (measured crossover ~50-100 rows).
 constexpr int64_t kDirectRows = 64;
+// Conv layers with several slots in a batch use one per-row product call while the per-row
+// products fit in this many bytes (small layers, where per-call overhead dominates).
+constexpr int64_t kPerRowBytes = 32 << 20;
 
 struct Geometry {
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups;
@@ -108,12 +111,29 @@ at::Tensor accumulate(const at::Tensor& x4, const at::Tensor& weight, const at::
   dev.design(y.view({n, k, p}), out_offset.to(at::kDouble).contiguous(), so, g.groups, z.view({n, k, p}),
              design.view({m, dk, p}), vec);
 
+  int64_t segments = 0;
+  for (int64_t s = 0; s < num_slots; ++s) segments += so.seg[s + 1] > so.seg[s];
+  const int64_t dg = weight.numel() / k;
+  if (!linear && segments > 1 && m * dk * dg * static_cast<int64_t>(c10::elementSize(wt)) <= kPerRowBytes) {
+    // Many small slot segments: ONE grouped weight-grad call with the rows folded into the
+    // groups gives every row's own product; each slot then sums its rows in float64.
+    at::Tensor wshape = scratch("wshape", x4, wt, {m * dk, weight.size(1), kh, kw});
+    at::Tensor per_row = std::get<1>(at::convolution_backward(
+        design.view({1, m * dk, ho, wo}), xs.narrow(0, 0, m).view({1, m * c, hp, wp}), wshape, c10::nullopt,
+        {g.stride_h, g.stride_w}, {0, 0}, {g.dil_h, g.dil_w}, false, {0, 0}, g.groups * m, {false, true, false}));
+    per_row = per_row.contiguous().view({m, dk * dg});
+    for (int64_t s = 0; s < num_slots; ++s) {
+      if (so.seg[s + 1] > so.seg[s]) dev.add_to_f64(mat.select(0, s), per_row.narrow(0, so.seg[s], so.seg[s + 1] - so.seg[s]));
+    }
+    return z;
+  }
   for (int64_t s = 0; s < num_slots; ++s) {
     const int64_t m0 = so.seg[s], rows = so.seg[s + 1] - m0;
     if (rows == 0) continue;
     at::Tensor ds = design.narrow(0, m0, rows), xss = xs.narrow(0, m0, rows), prod;
     if (linear && rows <= kDirectRows) {  // few rows: a float64 rank-`rows` update in place, no temporary
-      mat.select(0, s).view({dk, c}).addmm_(ds.view({rows, dk}).t().to(at::kDouble), xss.view({rows, c}).to(at::kDouble));
+      mat.select(0, s).view({dk, c}).addmm_(ds.view({rows, dk}).t().to(at::kDouble),
+                                            xss.view({rows, c}).to(at::kDouble));
       continue;
     }
     if (linear) {

@@ -32,7 +32,8 @@ struct DeviceKernels {
   // per-slot sums of vec for the accumulated rows, in one pass over y.
   void (*design)(const at::Tensor& y, const at::Tensor& off, const SlotOrder& so, int64_t groups,
                  const at::Tensor& z, const at::Tensor& design, const at::Tensor& vec);
-  // dst (float64) += src, elementwise, without a float64 temporary.
+  // dst (float64) += the sum of src's rows (src holds rows * dst.numel() values), elementwise
+  // in float64, without a float64 temporary.
   void (*add_to_f64)(const at::Tensor& dst, const at::Tensor& src);
 };
 

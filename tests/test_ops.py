@@ -173,7 +173,7 @@ ACC_RTOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(6))
 def test_accumulate_matches_oracle(kind, dtype, device, seed):
     args, num_slots, conv = (linear_case if kind == "linear" else conv_case)(seed, dtype, device)
     z1, mat1, vec1 = oracle_accumulate(*[a.cpu() for a in args], num_slots, conv)
@@ -183,6 +183,21 @@ def test_accumulate_matches_oracle(kind, dtype, device, seed):
         _close(z, z1, ACC_RTOL[dtype])
         _close(mat, 2 * mat1, ACC_RTOL[dtype])
         _close(vec, 2 * vec1, ACC_RTOL[dtype])
+
+
+@needs_native
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_accumulate_half_inputs_on_cuda(kind, dtype):
+    """fp16/bf16 inputs: products in float32, totals in float64, output in the input dtype."""
+    args, num_slots, conv = (linear_case if kind == "linear" else conv_case)(11, dtype, "cuda")
+    z1, mat1, vec1 = oracle_accumulate(*[a.cpu() for a in args], num_slots, conv)
+    z, mat, vec = run_accumulate(torch.ops.untangle_ext, args, num_slots, conv)
+    assert z.dtype == dtype and mat.dtype == torch.float64
+    _close(z, z1, 1e-2)
+    _close(mat, 2 * mat1, 1e-4)
+    _close(vec, 2 * vec1, 1e-4)
 
 
 def pattern_case(seed, kind, dtype, device):
@@ -211,7 +226,7 @@ def pattern_case(seed, kind, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(6))
 def test_pattern_backward_matches_oracle(kind, dtype, device, seed):
     args, kw = pattern_case(seed, kind, dtype, device)
     extra = kw.get("extra", [])

@@ -113,18 +113,22 @@ void design_cpu(const at::Tensor& y, const at::Tensor& off, const SlotOrder& so,
 }
 
 template <typename w_t>
-void add_loop(double* dst, const w_t* src, int64_t numel) {
+void add_loop(double* dst, const w_t* src, int64_t numel, int64_t rows) {
   at::parallel_for(0, numel, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const w_t* sr = src + r * numel;
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) dst[i] += static_cast<double>(src[i]);
+      for (int64_t i = begin; i < end; ++i) dst[i] += static_cast<double>(sr[i]);
+    }
   });
 }
 
 void add_to_f64_cpu(const at::Tensor& dst, const at::Tensor& src) {
-  TORCH_CHECK(dst.is_contiguous() && src.is_contiguous() && dst.numel() == src.numel(),
-              "untangle_ext: internal error, add_to_f64 needs two contiguous tensors of one size");
+  TORCH_CHECK(dst.is_contiguous() && src.is_contiguous() && dst.numel() > 0 && src.numel() % dst.numel() == 0,
+              "untangle_ext: internal error, add_to_f64 needs contiguous tensors, src a multiple of dst");
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "untangle_add_to_f64", [&] {
-    add_loop<scalar_t>(dst.data_ptr<double>(), src.const_data_ptr<scalar_t>(), src.numel());
+    add_loop<scalar_t>(dst.data_ptr<double>(), src.const_data_ptr<scalar_t>(), dst.numel(),
+                       src.numel() / dst.numel());
   });
 }
 

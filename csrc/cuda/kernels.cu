@@ -133,21 +133,22 @@ void design_cuda(const at::Tensor& y, const at::Tensor& off, const SlotOrder& so
 }
 
 template <typename w_t>
-__global__ void add_kernel(double* __restrict__ dst, const w_t* __restrict__ src, int64_t n) {
+__global__ void add_kernel(double* __restrict__ dst, const w_t* __restrict__ src, int64_t n, int64_t rows) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    dst[i] += static_cast<double>(src[i]);
+    double acc = dst[i];
+    for (int64_t r = 0; r < rows; ++r) acc += static_cast<double>(src[r * n + i]);
+    dst[i] = acc;
   }
 }
 
 void add_to_f64_cuda(const at::Tensor& dst, const at::Tensor& src) {
-  TORCH_CHECK(dst.is_contiguous() && src.is_contiguous() && dst.numel() == src.numel(),
-              "untangle_ext: internal error, add_to_f64 needs two contiguous tensors of one size");
+  TORCH_CHECK(dst.is_contiguous() && src.is_contiguous() && dst.numel() > 0 && src.numel() % dst.numel() == 0,
+              "untangle_ext: internal error, add_to_f64 needs contiguous tensors, src a multiple of dst");
   const c10::cuda::CUDAGuard guard(dst.device());
-  if (src.numel() == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "untangle_add_to_f64_cuda", [&] {
-    add_kernel<scalar_t><<<blocks_for(src.numel()), kThreads, 0, stream>>>(
-        dst.data_ptr<double>(), src.const_data_ptr<scalar_t>(), src.numel());
+    add_kernel<scalar_t><<<blocks_for(dst.numel()), kThreads, 0, stream>>>(
+        dst.data_ptr<double>(), src.const_data_ptr<scalar_t>(), dst.numel(), src.numel() / dst.numel());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
