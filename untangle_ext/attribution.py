@@ -143,17 +143,12 @@ class Attributor:
             if layer.kind == "linear":
                 return ops.pattern_backward_linear(grad, p, slots)
             return ops.pattern_backward_conv2d(
-                grad, p, slots, tape.shapes[self._step_of(layer)][2:], layer.stride, layer.padding,
+                grad, p, slots, tape.shapes[self.program.step_of[layer.name]][2:], layer.stride, layer.padding,
                 layer.dilation, layer.groups,
             )
 
         result = self.program.backward(tape, seed, k, reverse)
         return Explanation(result.view(x.shape[0], k, *x.shape[1:]), targets, logits)
-
-    def _step_of(self, layer: Affine) -> int:
-        if not hasattr(self, "_step_index"):
-            self._step_index = {s.layer.name: i for i, s in enumerate(self.program.steps) if s.op == "affine"}
-        return self._step_index[layer.name]
 
     def attribute(
         self,

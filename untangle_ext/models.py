@@ -2,13 +2,13 @@
 plus a VGG-style and a small residual network used to exercise the engine on other layer mixes."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .store import atomic_torch_save
 
 __all__ = ["LeNet", "BasicBlock", "evaluate_accuracy", "train_lenet", "load_or_train_lenet",
            "vgg_style_net", "residual_net"]
@@ -59,12 +59,12 @@ def evaluate_accuracy(model: nn.Module, split: str = "test", batch_size: int = 5
     return correct / x.shape[0]
 
 
-def train_lenet(epochs: int = 4, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+def train_lenet(epochs: int = 5, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                 progress: bool = True) -> tuple[LeNet, float]:
     """Train LeNet with Adam on the bundled train split (4,000 images), deterministically.
 
     Returns (model in eval mode, accuracy on the held-out 1,000-image test split).
-    Defaults reach ~97% in a few seconds on 2 CPU threads.
+    Defaults reach ~96-97% (seeds 0-2) in about 7 s on 2 CPU threads (torch 2.13 CPU).
     """
     from tqdm.auto import tqdm
 
@@ -105,18 +105,7 @@ def load_or_train_lenet(cache_path: str | Path, **kw: Any) -> tuple[LeNet, float
                              f"Delete the file to retrain it.") from e
         return model.eval(), evaluate_accuracy(model, "test")
     model, acc = train_lenet(**kw)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(model.state_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save(model.state_dict(), path)
     return model, acc
 
 

@@ -37,7 +37,7 @@ def model_fingerprint(model: nn.Module) -> str:
         if not isinstance(t, torch.Tensor):
             continue
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

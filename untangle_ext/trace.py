@@ -279,6 +279,8 @@ class Program:
     """A traced classifier: forward with optional recording, and the generic reverse pass."""
 
     def __init__(self, model: nn.Module):
+        if type(model).__module__.startswith("torch.nn.modules") and not isinstance(model, nn.Sequential):
+            model = nn.Sequential(model)  # a bare layer: trace it as a leaf named "0"
         try:
             graph = fx.Tracer().trace(model)
         except Exception as exc:  # fx raises many kinds of errors for untraceable code
@@ -292,6 +294,8 @@ class Program:
             raise UnsupportedModelError("the traced model has no output")
         self.output = builder.output
         self.layers: list[Affine] = [s.layer for s in self.steps if s.op == "affine"]
+        self.step_of: dict[str, int] = {s.layer.name: i for i, s in enumerate(self.steps) if s.op == "affine"}
+        self._last_use = _last_uses(self.steps)
         names = [layer.name for layer in self.layers]
         if len(set(names)) != len(names):
             raise UnsupportedModelError("a Linear/Conv2d module is called more than once; weight sharing is not supported")
@@ -330,16 +334,6 @@ class Program:
                 if self._last_use[j] == i and j != self.output:
                     values[j] = None
         return values[self.output]
-
-    @property
-    def _last_use(self) -> list[int]:
-        if not hasattr(self, "_last_use_cache"):
-            last = list(range(len(self.steps)))
-            for i, step in enumerate(self.steps):
-                for j in _refs(step):
-                    last[j] = max(last[j], i)
-            self._last_use_cache = last
-        return self._last_use_cache
 
     @staticmethod
     def _forward_step(i, step, args, kwargs, affine, tape):
@@ -417,6 +411,15 @@ class Program:
         if op == "linear_map":
             return _linear_map_vjp(step.fn, *tape.extra[i], grad, tape.shapes[i])
         raise AssertionError(f"no reverse rule for {op}")
+
+
+def _last_uses(steps: list[Step]) -> list[int]:
+    """For every step, the index of the last step that reads its value."""
+    last = list(range(len(steps)))
+    for i, step in enumerate(steps):
+        for j in _refs(step):
+            last[j] = max(last[j], i)
+    return last
 
 
 def _refs(step: Step) -> list[int]:
