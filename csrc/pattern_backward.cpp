@@ -3,8 +3,9 @@
 // N (image, class) pairs, each with its own slot: pairs are grouped by slot in C++
 // (SlotOrder), each slot's segment is reversed with ONE product through that
 // slot's pattern (mm / conv-transpose via convolution_backward), and the rows are
-// scattered back. Pairs whose slot lies outside [0, S) get zeros; with S == 1
-// every pair uses pattern 0 (as the reference does).
+// scattered back; small conv layers instead run every pair through its own pattern in
+// one grouped call (per_pair). Pairs whose slot lies outside [0, S) get zeros; with
+// S == 1 every pair uses pattern 0 (as the reference does).
 #include "untangle.h"
 
 #include <ATen/ops/convolution_backward.h>
@@ -18,6 +19,9 @@
 
 namespace untangle {
 namespace {
+
+// Conv layers whose per-pair gathered patterns fit in this many bytes take the per-pair path.
+constexpr int64_t kPerPairBytes = 8 << 20;
 
 void check_pairs(const at::Tensor& grad_out, const at::Tensor& patterns, const at::Tensor& slots, const char* op) {
   TORCH_CHECK(at::isFloatingType(grad_out.scalar_type()), "untangle_ext.", op, ": grad_out must be floating, got ",
@@ -53,6 +57,23 @@ at::Tensor by_slot(const at::Tensor& grad_out, const at::Tensor& patterns, const
     reversed.narrow(0, m0, rows).copy_(part);
   }
   return out.index_copy_(0, idx, reversed);
+}
+
+// Small conv layers: ONE grouped transposed conv where every pair brings its own class's
+// pattern (pairs folded into the groups), instead of one call per class; measured 6x faster
+// on LeNet's first layer, where per-call overhead dominates. Pairs without a slot get zeros.
+at::Tensor per_pair(const at::Tensor& grad_out, const at::Tensor& patterns, const at::Tensor& slots,
+                    const std::vector<int64_t>& in_shape, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation, int64_t groups) {
+  const int64_t n = grad_out.size(0), k = patterns.size(1), num_slots = patterns.size(0);
+  const at::Tensor valid = slots.ge(0).logical_and(slots.lt(num_slots));
+  const at::Tensor weights = patterns.index_select(0, slots.clamp(0, num_slots - 1));  // (n, K, Cg, kh, kw)
+  at::Tensor folded_in = at::empty({1}, grad_out.options()).expand({1, n * in_shape[1], in_shape[2], in_shape[3]});
+  at::Tensor out = std::get<0>(at::convolution_backward(
+      grad_out.contiguous().view({1, n * k, grad_out.size(2), grad_out.size(3)}), folded_in,
+      weights.view({n * k, patterns.size(2), patterns.size(3), patterns.size(4)}), c10::nullopt, stride, padding,
+      dilation, false, {0, 0}, groups * n, {true, false, false}));
+  return out.view(in_shape).masked_fill_(valid.logical_not().view({n, 1, 1, 1}), 0);
 }
 
 }  // namespace
@@ -91,6 +112,9 @@ at::Tensor pattern_backward_conv2d(const at::Tensor& grad_out, const at::Tensor&
   };
   if (grad_out.size(0) == 0) return at::empty(in_shape, grad_out.options());
   if (patterns.size(0) == 1) return reverse(grad_out, patterns.select(0, 0));
+  if (grad_out.size(0) * patterns[0].numel() * grad_out.element_size() <= kPerPairBytes) {
+    return per_pair(grad_out, patterns, slots, in_shape, stride, padding, dilation, groups);
+  }
   return by_slot(grad_out, patterns, slots, at::zeros(in_shape, grad_out.options()), reverse);
 }
 

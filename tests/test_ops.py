@@ -238,6 +238,19 @@ def test_pattern_backward_matches_oracle(kind, dtype, device, seed):
         _close(got, want, ACC_RTOL[dtype])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_pattern_backward_conv_large_layer_groups_by_class(device):
+    """Patterns too big to gather per pair (> 8 MB) take the group-by-class path."""
+    g = torch.Generator().manual_seed(7)
+    go = torch.randn(66, 64, 3, 3, generator=g)
+    pats = torch.randn(4, 64, 64, 3, 3, generator=g)
+    slots = torch.randint(-1, 4, (66,), generator=g)
+    extra = [[5, 5], [1, 1], [0, 0], [1, 1], 1]
+    want = oracle_backward_conv(go, pats, slots, *extra)
+    for name, impl in IMPLS.items():
+        _close(impl.pattern_backward_conv2d(go.to(device), pats.to(device), slots.to(device), *extra), want, 2e-5)
+
+
 # ---------------------------------------------------------------- op contracts
 @needs_native
 @pytest.mark.parametrize("device", DEVICES)
