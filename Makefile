@@ -14,7 +14,7 @@ PY           = $(VENV)/bin/python
 STAMP        = $(VENV)/.stamp
 TORCH_STAMP  = $(VENV)/.torch-$(TORCH_SPEC)$(if $(TORCH_INDEX),-custom-index)
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test quality clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,9 @@ $(STAMP): pyproject.toml setup.py $(NATIVE_SRC) $(TORCH_STAMP)
 
 demo: venv
 	$(PY) -m untangle_ext.cli demo
+
+quality: venv
+	$(PY) -m untangle_ext.cli quality --out docs/quality
 
 test: venv
 	$(PY) -m pytest -q -x --durations=15

@@ -91,6 +91,9 @@ def _random_stores(model: nn.Module, classes, seed=0) -> dict[int, SignalStore]:
     for c in classes:
         patterns = {l.name: {k: torch.randn(l.weight.shape, generator=g, dtype=l.weight.dtype)
                              for k in ("a_lin", "a_pos", "a_neg")} for l in program.layers}
+        for l in program.layers:  # sample counts: a store file must carry them
+            patterns[l.name].update(n_pos=torch.ones(l.out_features, dtype=torch.float64),
+                                    n=torch.tensor(1.0, dtype=torch.float64))
         stores[c] = SignalStore(c, patterns, layer_signature(program), model_fingerprint(model), 1)
     return stores
 

@@ -10,14 +10,15 @@ the all-class store) with image ``b``'s recorded gates (SPEC §2):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Mapping, Optional, Union
+from typing import Literal, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from . import ops
-from .store import ALL_CLASSES, SignalStore, model_fingerprint
+from .store import ALL_CLASSES, SignalStore, StoreError, model_fingerprint
 from .trace import Affine, Program, Tape
+from .validation import InputChecker, check_topk
 
 Method = Literal["pattern_attribution", "patternnet", "gradient"]
 METHODS = ("pattern_attribution", "patternnet", "gradient")
@@ -42,7 +43,8 @@ class Attributor:
     """Explain a model's predictions with PatternAttribution, PatternNet or the gradient.
 
     ``stores`` maps class ids to :class:`SignalStore` (or is one all-class store);
-    it may be omitted for ``method="gradient"``. The model is never modified.
+    it may be omitted for ``method="gradient"``. Inputs must have the per-image shape
+    ``input_shape`` (default: the shape the stores were estimated on). The model is never modified.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class Attributor:
         model: nn.Module,
         stores: Union[SignalStore, Mapping[int, SignalStore], None] = None,
         check_fingerprint: bool = True,
+        input_shape: Optional[Sequence[int]] = None,
     ):
         self.program = Program(model)
         if isinstance(stores, SignalStore):
@@ -57,7 +60,9 @@ class Attributor:
         self.stores: dict[int, SignalStore] = dict(stores or {})
         fingerprint = model_fingerprint(model) if (self.stores and check_fingerprint) else None
         for c, store in self.stores.items():
-            store.check_matches(self.program, fingerprint, source=f"the signal store of class {c}")
+            store.check_class(c)
+            store.check_matches(self.program, fingerprint)
+        self._checker = InputChecker(self.program, input_shape or _stores_input_shape(self.stores.values()))
         self._banks: dict[tuple[str, str], tuple[dict[str, torch.Tensor], dict[int, int]]] = {}
 
     @property
@@ -102,9 +107,7 @@ class Attributor:
         """(B, k) class ids: the top-k predictions, or the given targets."""
         b = logits.shape[0]
         if target is None:
-            if not 1 <= topk <= self.num_classes:
-                raise ValueError(f"topk={topk} must lie in [1, {self.num_classes}] (the number of classes)")
-            return logits.topk(topk, dim=1).indices
+            return logits.topk(check_topk(topk, self.num_classes), dim=1).indices
         t = torch.as_tensor(target, device=logits.device).long()
         t = t.view(1, 1).expand(b, 1) if t.dim() == 0 else (t.view(b, 1) if t.dim() == 1 else t)
         if t.shape[0] != b or t.dim() != 2:
@@ -127,8 +130,7 @@ class Attributor:
             raise ValueError(f"method must be one of {METHODS}, not {method!r}")
         if estimator not in _PATTERN_KEY:
             raise ValueError(f"estimator must be one of {tuple(_PATTERN_KEY)}, not {estimator!r}")
-        weight = self.program.layers[0].weight
-        x = inputs.to(weight.device, weight.dtype)
+        x = self._checker.images(inputs, "inputs")
         tape = Tape()
         logits = self.program.forward(x, tape=tape)
         targets = self._targets(logits, target, topk)
@@ -161,3 +163,12 @@ class Attributor:
         """Attributions shaped like ``inputs`` (one class per image), or (B, k, ...) for several."""
         exp = self.explain(inputs, target, topk, method, estimator)
         return exp.attributions[:, 0] if exp.attributions.shape[1] == 1 else exp.attributions
+
+
+def _stores_input_shape(stores) -> Optional[tuple[int, ...]]:
+    """The one image shape all stores were estimated on (``None`` when none recorded it)."""
+    shapes = {tuple(s.input_shape) for s in stores if s.input_shape is not None}
+    if len(shapes) > 1:
+        raise StoreError(f"the signal stores were estimated on images of different shapes {sorted(shapes)}; "
+                         "use stores from one estimation run")
+    return shapes.pop() if shapes else None

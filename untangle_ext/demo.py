@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from .attribution import Attributor, Explanation  # noqa: E402
 from .data import load_mnist_sample, mnist_sample_loader  # noqa: E402
 from .estimator import SignalEstimator  # noqa: E402
-from .heatmaps import channel_sum, normalise  # noqa: E402
+from .heatmaps import channel_sum, normalise, write_figure  # noqa: E402
 from .models import load_or_train_lenet  # noqa: E402
 
 DEMO_METHODS = (("pattern_attribution", "PatternAttribution"), ("patternnet", "PatternNet"), ("gradient", "gradient"))
@@ -39,8 +39,7 @@ def method_figure(image: torch.Tensor, explanations: Sequence[Explanation], inde
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    write_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 

@@ -50,7 +50,11 @@ class LayerMoments:
     def init_shift(self, x: torch.Tensor) -> None:
         """Fix the shift from the first batch: per feature (Linear) or per channel (Conv2d)."""
         dims = [0] if self.layer.kind == "linear" else [0, 2, 3]
-        self.shift = x.mean(dims) if x.shape[0] else x.new_zeros(x.shape[1])
+        self.set_shift(x.mean(dims) if x.shape[0] else x.new_zeros(x.shape[1]))
+
+    def set_shift(self, shift: torch.Tensor) -> None:
+        """Use ``shift`` (input dtype) and its ``out_offset``; only valid while the sums are zero or re-shifted."""
+        self.shift = shift
         w = self.layer.weight.double().reshape(self.layer.out_features, -1)
         s = self.patch_shift().repeat_interleave(self.layer.out_features // self.groups, dim=0)
         self.out_offset = (w * s).sum(1) + self.layer.bias.double()

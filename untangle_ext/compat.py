@@ -1,0 +1,300 @@
+"""The UntangleAI tutorial's API on top of the native engine: same names, arguments and file names.
+
+Scripts written against the tutorial run with one changed import::
+
+    from untangle_ext import UntangleAI
+
+Every method translates the tutorial's call onto :class:`~untangle_ext.SignalEstimator`,
+:class:`~untangle_ext.Attributor` and :class:`~untangle_ext.SignalStore`; the heatmap arithmetic
+lives in :mod:`untangle_ext.heatmaps`, the loaders in :mod:`untangle_ext.loaders`. The user's model
+is never modified (nothing here calls it: the engine runs a traced copy of its forward).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import heatmaps, loaders, slider
+from .attribution import Attributor
+from .estimator import SignalEstimator
+from .store import SignalStore, class_store_path
+from .trace import Program
+
+MODES = ("estimate", "attribute")
+FILE_KIND = {"class": "", "diff": "diff_", "invDiff": "invDiff_"}  # map kind → tutorial file name part
+
+
+@dataclass(frozen=True)
+class CompatArgs:
+    """The tutorial's ``args`` fields, validated; None where the tutorial leaves a field to the model/data."""
+
+    mname: str = "model"
+    batch_size: int = 16
+    num_classes: Optional[int] = None
+    img_size: Optional[tuple[int, ...]] = None
+    data_class: Any = None  # as the user wrote it (passed back to their loader function)
+    classes: Optional[list[int]] = None  # data_class parsed to ints
+    mode: str = "estimate"
+    topk: int = 1
+    cmap: Any = "seismic"
+    json: bool = False
+    hm_diff: str = "joint"
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"args.{name} must be a positive integer, not {value!r}")
+    return int(value)
+
+
+def _img_size(value: Any) -> Optional[tuple[int, ...]]:
+    if value is None:
+        return None
+    size = tuple(value) if isinstance(value, (tuple, list, torch.Size)) else None
+    if size is None or len(size) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+                                             for v in size):
+        raise ValueError(f"args.img_size must be (C, H, W), e.g. (1, 28, 28), not {value!r}")
+    return tuple(int(v) for v in size)
+
+
+def resolve_args(args: Any) -> CompatArgs:
+    """Read the tutorial's fields from any object (or mapping); defaults for missing ones, clear errors for bad ones."""
+    def get(name: str, default: Any) -> Any:
+        value = args.get(name, default) if isinstance(args, Mapping) else getattr(args, name, default)
+        return default if value is None and default is not None else value
+
+    d = CompatArgs()
+    mname = get("mname", d.mname)
+    if not isinstance(mname, str) or not mname:
+        raise ValueError(f"args.mname must be a non-empty string (used in file names), not {mname!r}")
+    num_classes = get("num_classes", None)
+    num_classes = None if num_classes is None else _positive_int(num_classes, "num_classes")
+    mode = get("mode", d.mode)
+    if mode not in MODES:
+        raise ValueError(f"args.mode must be one of {MODES}, not {mode!r}")
+    topk = _positive_int(get("topk", d.topk), "topk")
+    if num_classes is not None and topk > num_classes:
+        raise ValueError(f"args.topk={topk} is larger than args.num_classes={num_classes}")
+    cmap = get("cmap", d.cmap)
+    heatmaps.colormap(cmap)
+    data_class = get("data_class", None)
+    return CompatArgs(
+        mname=mname, batch_size=_positive_int(get("batch_size", d.batch_size), "batch_size"),
+        num_classes=num_classes, img_size=_img_size(get("img_size", None)), data_class=data_class,
+        classes=loaders.parse_classes(data_class, num_classes), mode=mode, topk=topk, cmap=cmap,
+        json=loaders.as_bool(get("json", d.json), "args.json"),
+        hm_diff=heatmaps.check_hm_diff(get("hm_diff", d.hm_diff)),
+    )
+
+
+def check_model(program: Program, a: CompatArgs) -> None:
+    """args.num_classes, args.topk and args.data_class must fit the model's number of outputs."""
+    n = program.num_outputs
+    if a.num_classes is not None and a.num_classes != n:
+        raise ValueError(f"args.num_classes={a.num_classes} but the model has {n} outputs; fix args.num_classes")
+    if a.topk > n:
+        raise ValueError(f"args.topk={a.topk} is larger than the number of classes ({n})")
+    bad = [c for c in (a.classes or []) if c >= n]
+    if bad:
+        raise ValueError(f"args.data_class {bad} is out of range: the model has {n} classes (0..{n - 1})")
+
+
+def load_stores(signal_store_path: str, classes: Iterable[int]) -> dict[int, SignalStore]:
+    """Load the tutorial's per-class store files; a missing one names the file and how to make it."""
+    classes = list(dict.fromkeys(int(c) for c in classes))
+    missing = [str(class_store_path(signal_store_path, c)) for c in classes
+               if not class_store_path(signal_store_path, c).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no signal store for {len(missing)} class(es): {', '.join(missing)}. Run "
+                                f"UntangleAI().estimate_signals(model, {str(signal_store_path)!r}, train_loader_fun, "
+                                "args) for these classes first")
+    return {c: SignalStore.load(class_store_path(signal_store_path, c)) for c in classes}
+
+
+@dataclass
+class _CheckedLoader:
+    """A user's loader, passed through: None batches skipped, image shapes checked against args.img_size.
+    Keeps the loader's length, so the per-class progress bar knows its total."""
+
+    batches: Iterable
+    img_size: Optional[tuple[int, ...]]
+    label: Any
+
+    def __len__(self) -> int:
+        return len(self.batches)  # TypeError for loaders without a length: tqdm then shows counts only
+
+    @property
+    def batch_sampler(self) -> Any:
+        """The loader's batch sampler, so distributed estimation sees a ShardSampler and does not re-shard."""
+        return getattr(self.batches, "batch_sampler", None)
+
+    def __iter__(self):
+        for batch in self.batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if x is None:
+                continue
+            if self.img_size is not None and tuple(x.shape[1:]) != self.img_size:
+                raise ValueError(f"the loader for class {self.label!r} yields images of shape {tuple(x.shape[1:])} "
+                                 f"but args.img_size is {self.img_size}; fix args.img_size or the loader")
+            yield batch if isinstance(batch, (tuple, list)) else (batch, None)
+
+
+class Visualization:
+    """The tutorial's heatmap helpers (``untangle_ai.visualization()``)."""
+
+    @staticmethod
+    def _stack(topk_gradients: Any) -> torch.Tensor:
+        """A list of k attributions (1, C, H, W) or a tensor (k, C, H, W) → (k, C, H, W)."""
+        if isinstance(topk_gradients, torch.Tensor):
+            return topk_gradients.reshape(-1, *topk_gradients.shape[-3:])
+        return torch.cat([torch.as_tensor(g).reshape(-1, *g.shape[-3:]) for g in topk_gradients])
+
+    def get_joint_heatmaps(self, topk_gradients: Any, args: Any = None) -> tuple[np.ndarray, torch.Tensor]:
+        """(RGB (k, H, W, 3), maps (k, H, W)) of the top-k classes on the scale args.hm_diff picks (joint)."""
+        a = resolve_args(args or {})
+        maps = heatmaps.explanation_maps(self._stack(topk_gradients), a.hm_diff)["class"]
+        return heatmaps.to_rgb(maps, a.cmap), maps
+
+    def get_joint_diff_heatmaps(self, topk_gradients: Any, args: Any = None) -> tuple[np.ndarray, torch.Tensor]:
+        """(RGB (2, k-1, H, W, 3), maps (2, k-1, H, W)): [0] = diff (top − i), [1] = invDiff (i − top)."""
+        a = resolve_args(args or {})
+        m = heatmaps.explanation_maps(self._stack(topk_gradients), a.hm_diff)
+        if "diff" not in m:
+            raise ValueError("difference heatmaps need the attributions of at least 2 classes (topk >= 2)")
+        maps = torch.stack([m["diff"], m["invDiff"]])
+        return heatmaps.to_rgb(maps, a.cmap), maps
+
+    overlay = staticmethod(heatmaps.overlay)
+    save_figure = staticmethod(heatmaps.save_figure)
+
+
+class UntangleAI:
+    """Drop-in for the tutorial's ``UntangleAI`` object (SPEC §3)."""
+
+    # ------------------------------------------------------------------ estimation
+
+    def estimate_signals(self, model: nn.Module, signal_store_path: str, train_loader_fun: Callable[[Any], Iterable],
+                         args: Any, overwrite: bool = False) -> dict[int, Path]:
+        """Estimate per-class signals and write ``f"{signal_store_path}_class_{c}.pkl"`` for args.data_class
+        (or every class). ``train_loader_fun`` gets the class as the tutorial passes it (args.data_class as
+        written, else ``str(c)``). Classes whose file already matches this model are skipped (resume)."""
+        a = resolve_args(args)
+        estimator = SignalEstimator(model, a.classes)
+        check_model(estimator.program, a)
+        label = (dict(zip(a.classes, self._as_list(a.data_class))) if a.classes
+                 else {c: str(c) for c in estimator.classes})
+        written = estimator.fit_to_files(
+            signal_store_path, lambda c: _CheckedLoader(train_loader_fun(label[c]), a.img_size, label[c]), overwrite)
+        empty = [label[c] for c in estimator.classes if c not in written]
+        if empty:
+            raise ValueError(f"the loaders of classes {empty} yielded no images; no store was written for them")
+        return written
+
+    @staticmethod
+    def _as_list(data_class: Any) -> list:
+        return list(data_class) if isinstance(data_class, (list, tuple, set, range)) else [data_class]
+
+    def signal_estimator(self, model: nn.Module, classes: Optional[Sequence[int]] = None, **kwargs) -> SignalEstimator:
+        """The native estimator (one pass over one loader estimates every class)."""
+        return SignalEstimator(model, classes, **kwargs)
+
+    # ----------------------------------------------------------------- attribution
+
+    def signal_attribution(self, model: nn.Module, signal_store_path: str,
+                           classes: Optional[Sequence[int]] = None) -> Attributor:
+        """The native attributor with the stores of ``classes`` (default: every class) loaded."""
+        return Attributor(model, load_stores(signal_store_path, classes or range(Program(model).num_outputs)))
+
+    def get_topk_pred(self, model: nn.Module, input: torch.Tensor,  # noqa: A002 (the tutorial's name)
+                      ID2Name_Map: Optional[Mapping[Any, str]], topk: int) -> loaders.TopK:
+        """Top-k (logits, probabilities, class names, class ids) of one image."""
+        return loaders.get_topk_pred(model, input, ID2Name_Map, topk)
+
+    def attribute_signals(self, model: nn.Module, input_tensor: torch.Tensor, input_tensor_true: Any,
+                          signal_store_path: str, ID2Name_Map: Optional[Mapping[Any, str]], args: Any,
+                          out_prefix: str) -> list[Path]:
+        """Explain one image for its top-k classes (ONE batched reverse pass) and write the tutorial's files.
+
+        JPEGs ``{out_prefix}_class_{i}.JPEG`` (i < topk) and, for topk > 1, ``{out_prefix}_diff_class_{i}.JPEG``
+        and ``{out_prefix}_invDiff_class_{i}.JPEG`` (1 ≤ i < topk), overlaid on ``input_tensor_true`` (H×W×C
+        tensor / ndarray / PIL; None = the input itself); with args.json one ``{out_prefix}.json`` instead.
+        Returns the written paths.
+        """
+        a = resolve_args(args)
+        x = loaders.single_image(input_tensor, a.img_size)
+        program = Program(model)
+        check_model(program, a)
+        logits, probs, names, ids = loaders.topk_pred(program, x, ID2Name_Map, a.topk)
+        explanation = Attributor(model, load_stores(signal_store_path, ids)).explain(x, target=torch.tensor([ids]))
+        maps = heatmaps.explanation_maps(explanation.attributions[0].cpu(), a.hm_diff)
+        if a.json:
+            return [self._write_json(out_prefix, a, maps, logits, probs, names, ids)]
+        image = x[0].cpu() if input_tensor_true is None else input_tensor_true
+        return self._write_images(out_prefix, a, maps, image, probs, names, ids)
+
+    @staticmethod
+    def _titles(kind: str, probs: list[float], names: list[str], ids: list[int]) -> list[str]:
+        if kind == "class":
+            return [f"top-{i + 1}: {n} [{c}]  p={p:.3f}" for i, (n, c, p) in enumerate(zip(names, ids, probs))]
+        pairs = [(names[0], n) for n in names[1:]]
+        return [f"{kind}: {x} − {y}" if kind == "diff" else f"{kind}: {y} − {x}" for x, y in pairs]
+
+    def _write_images(self, out_prefix: str, a: CompatArgs, maps: dict[str, torch.Tensor], image: Any,
+                      probs: list[float], names: list[str], ids: list[int]) -> list[Path]:
+        scale = "joint scale" if a.hm_diff == "joint" else "own scale"
+        paths = []
+        for kind, stack in maps.items():
+            first = 0 if kind == "class" else 1
+            for j, (m, title) in enumerate(zip(stack, self._titles(kind, probs, names, ids))):
+                rgb = heatmaps.overlay(heatmaps.to_rgb(m, a.cmap), image)
+                path = f"{out_prefix}_{FILE_KIND[kind]}class_{j + first}.JPEG"
+                paths.append(heatmaps.save_figure(path, [rgb], [title], a.cmap, label=f"attribution ({scale})"))
+        return paths
+
+    @staticmethod
+    def _write_json(out_prefix: str, a: CompatArgs, maps: dict[str, torch.Tensor], logits: list[float],
+                    probs: list[float], names: list[str], ids: list[int]) -> Path:
+        payload = {
+            "format": "untangle_ext.attribution", "format_version": 1, "model": a.mname, "topk": a.topk,
+            "hm_diff": a.hm_diff, "image_size": list(maps["class"].shape[1:]),
+            "classes": [{"rank": i, "id": c, "name": n, "probability": p, "logit": l}
+                        for i, (c, n, p, l) in enumerate(zip(ids, names, probs, logits))],
+            "probabilities": probs, "logits": logits,
+            "maps": {kind: heatmaps.maps_to_lists(stack) for kind, stack in maps.items()},
+        }
+        return heatmaps.save_json(f"{os.fspath(out_prefix)}.json", payload)
+
+    # ---------------------------------------------------------------- visualisation
+
+    def get_heatmap(self, signal_nhwc: Any, cmap: Any = "seismic") -> np.ndarray:
+        """RGB heatmaps (N, H, W, 3) in [0, 1] of attributions (N, H, W, C): seismic, 0 = white."""
+        return heatmaps.heatmap_rgb(signal_nhwc, cmap)
+
+    def visualization(self) -> Visualization:
+        """Joint / difference heatmap helpers."""
+        return Visualization()
+
+    def slider(self, attribution: Any, image: Any = None, path: str = "threshold_sweep.png", cmap: Any = "seismic"):
+        """Importance-threshold slider (ipywidgets) or, without ipywidgets, a static threshold-sweep figure."""
+        return slider.slider(attribution, image=image, path=path, cmap=cmap)
+
+    # ---------------------------------------------------------------------- loaders
+
+    def load_mnist_per_class(self, batch_size: int, data_class: Any = None, **kwargs):
+        """(loader, dataset) of MNIST images of ``data_class`` (see :func:`.loaders.load_mnist_per_class`)."""
+        return loaders.load_mnist_per_class(batch_size, data_class, **kwargs)
+
+    def load_imagenet_per_class(self, batch_size: int, data_path: str, synset_map: Any, data_class: Any = None,
+                                is_resnet: Any = False, **kwargs):
+        """(loader, dataset) over ``data_path/<synset>/`` folders (see :mod:`untangle_ext.loaders`)."""
+        return loaders.load_imagenet_per_class(batch_size, data_path, synset_map, data_class, is_resnet, **kwargs)
+
+    def mnist_data_gen(self, batch_size: int, results_path: str, gen_images: Any = False, **kwargs):
+        """Yield (names, images) over the MNIST test split; ``gen_images`` also writes them as PNGs."""
+        return loaders.mnist_data_gen(batch_size, results_path, gen_images, **kwargs)
