@@ -26,7 +26,9 @@ $(TORCH_STAMP): | $(VENV)/bin/python
 	rm -f $(VENV)/.torch-*
 	touch $@
 
-$(STAMP): pyproject.toml setup.py $(TORCH_STAMP)
+NATIVE_SRC   = $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+
+$(STAMP): pyproject.toml setup.py $(NATIVE_SRC) $(TORCH_STAMP)
 	$(PIP) install numpy matplotlib pillow tqdm pytest hypothesis ninja
 	$(PIP) install --no-build-isolation -e .
 	touch $@
@@ -47,5 +49,5 @@ bench: venv
 	$(PY) -m untangle_ext.cli bench $(BENCH_ARGS)
 
 clean:
-	rm -rf build dist *.egg-info $(VENV) .pytest_cache .hypothesis results .cache
+	rm -rf build dist *.egg-info untangle_ext/_C*.so $(VENV) .pytest_cache .hypothesis results .cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,10 +1,62 @@
-"""Build script. Metadata lives in pyproject.toml; no native extension yet (comes later).
+"""Build script: metadata lives in pyproject.toml; this adds the native extension ``untangle_ext._C``.
 
-Always install with ``pip install --no-build-isolation -e .`` (see Makefile).
+Always install with ``pip install --no-build-isolation -e .`` (see Makefile) so the
+extension compiles against the torch already installed. The CPU kernels are always
+built; the CUDA kernels too when torch has CUDA and nvcc exists (no GPU needed).
+Environment switches: ``UNTANGLE_EXT_NO_NATIVE=1`` builds no extension (the package
+then JIT-builds it or falls back to PyTorch), ``UNTANGLE_EXT_NO_CUDA=1`` builds CPU only.
 """
+import glob
+import os
+import shutil
+import sys
+
 from setuptools import find_namespace_packages, setup
 
-setup(
-    # namespace finder so the package is found even before untangle_ext/__init__.py exists
-    packages=find_namespace_packages(include=["untangle_ext", "untangle_ext.*"], exclude=["*.__pycache__"]),
-)
+PACKAGES = find_namespace_packages(include=["untangle_ext", "untangle_ext.*"], exclude=["*.__pycache__"])
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_include_dirs() -> list:
+    """The pip CUDA toolkit headers (nvidia/cu13/include): the system toolkit may lack cusparse.h."""
+    import torch
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
+
+
+def _extensions():
+    """The ``_C`` extension (CPU, plus CUDA where possible) and the build command, or nothing."""
+    if _flag("UNTANGLE_EXT_NO_NATIVE"):
+        return [], {}
+    if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"  # else torch guesses it from nvcc's path
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("untangle_ext: torch is not importable at build time; no native extension built "
+              "(install with --no-build-isolation)", file=sys.stderr)
+        return [], {}
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    args = {"cxx": ["-O3", "-g0", "-fopenmp"]}  # torch picks the C++ standard
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = (cuda_home and shutil.which(os.path.join(cuda_home, "bin", "nvcc"))) or shutil.which("nvcc")
+    use_cuda = torch.version.cuda is not None and bool(nvcc) and not _flag("UNTANGLE_EXT_NO_CUDA")
+    kwargs = dict(extra_compile_args=args, extra_link_args=["-fopenmp"])
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # required when no GPU is visible
+        args["nvcc"] = ["-O3"]
+        ext = cpp_extension.CUDAExtension(
+            "untangle_ext._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            include_dirs=_cuda_include_dirs(), **kwargs)
+    else:
+        ext = cpp_extension.CppExtension("untangle_ext._C", sources, **kwargs)
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+EXT_MODULES, CMDCLASS = _extensions()
+setup(packages=PACKAGES, ext_modules=EXT_MODULES, cmdclass=CMDCLASS)
