@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _hardening import NUM_CLASSES, class_batches, mixed_batches, tiny_model
+from _hardening import NUM_CLASSES, class_batches, tiny_model
 from untangle_ext import Attributor, SignalEstimator
 from untangle_ext import store as store_mod
 from untangle_ext.locking import ClassLock, ClassLockTimeout, lock_path
@@ -26,16 +26,6 @@ from untangle_ext.store import (FORMAT_VERSION, SignalStore, StoreArchitectureEr
 
 WORKER = Path(__file__).with_name("_estimate_worker.py")
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def stores(model):
-    return SignalEstimator(model, progress=False).fit(mixed_batches())
 
 
 @pytest.fixture

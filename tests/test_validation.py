@@ -16,16 +16,6 @@ from untangle_ext.validation import (DeviceMismatchError, EmptyClassWarning, Inp
                                      InputShapeError, LabelError, NonFiniteInputError, TopKError)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def stores(model):
-    return SignalEstimator(model, progress=False).fit(mixed_batches())
-
-
 @pytest.fixture
 def attributor(model, stores):
     return Attributor(model, stores)
