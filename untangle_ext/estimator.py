@@ -55,7 +55,11 @@ class SignalEstimator:
     estimates one store from all samples (iNNvestigate semantics). ``memory_budget``
     bounds the bytes of float64 accumulators held at once. ``input_shape`` (e.g.
     ``args.img_size``) is the expected shape of one image; by default the first
-    batch's shape, which every later batch must then match. The model is never modified.
+    batch's shape, which every later batch must then match. ``compute_dtype``
+    (default: the model's) is the dtype of the estimation forward and of the per-batch
+    statistics products: float32 products summed over ~10^4-10^5 conv positions per
+    batch carry 1e-6 to 1e-4 relative error into the patterns (most in ill-conditioned
+    a⁻); ``torch.float64`` removes it at about twice the cost. The model is never modified.
     """
 
     def __init__(
@@ -68,9 +72,12 @@ class SignalEstimator:
         store_dtype: torch.dtype = torch.float32,
         progress: bool = True,
         input_shape: Optional[Sequence[int]] = None,
+        compute_dtype: Optional[torch.dtype] = None,
     ):
         self.model = model
         self.program = Program(model)
+        if compute_dtype is not None:
+            self.program.cast(compute_dtype)
         self._checker = InputChecker(self.program, input_shape, pin=True)
         self.num_classes = self.program.num_outputs
         self.classes = list(range(self.num_classes)) if classes is None else [int(c) for c in classes]

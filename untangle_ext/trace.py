@@ -307,6 +307,12 @@ class Program:
                 f"it comes from '{self.steps[self.output].name}' ({self.steps[self.output].op})"
             )
 
+    def cast(self, dtype: torch.dtype) -> "Program":
+        """Compute in ``dtype`` from now on (new weight tensors; the model is untouched)."""
+        for layer in self.layers:
+            layer.weight, layer.bias = layer.weight.to(dtype), layer.bias.to(dtype)
+        return self
+
     @property
     def num_outputs(self) -> int:
         return self.steps[self.output].layer.out_features
