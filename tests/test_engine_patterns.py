@@ -8,6 +8,7 @@ import torch.nn as nn
 from oracle import conv_patches, layer_patterns
 from untangle_ext import ALL_CLASSES, SignalEstimator
 from untangle_ext.trace import Program
+from untangle_ext.validation import EmptyClassWarning
 
 CONV_CASES = [  # (C_in, C_out, kernel, stride, padding, dilation, groups, H, W)
     (3, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, 7, 6),
@@ -150,7 +151,8 @@ def test_empty_class_gets_no_store_and_all_class_store():
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double()
     x = torch.randn(50, 5, dtype=torch.float64)
     labels = torch.randint(0, 2, (50,))  # class 2 never occurs
-    stores = _fit(model, x, labels)
+    with pytest.warns(EmptyClassWarning, match=r"class\(es\) \[2\]"):
+        stores = _fit(model, x, labels)
     assert sorted(stores) == [0, 1]
     everything = _fit(model, x, labels, per_class=False)
     assert list(everything) == [ALL_CLASSES] and everything[ALL_CLASSES].num_samples == 50
@@ -175,7 +177,7 @@ def test_large_mean_precision_float32(kind, padding, rtol):
         x = (1e3 + torch.randn(60, 2, 6, 6, dtype=torch.float64)).float()
     with torch.no_grad():
         layer.bias.copy_(-layer.weight.double().reshape(layer.weight.shape[0], -1).sum(1).float() * 1e3)
-    store = SignalEstimator(layer, progress=False, store_dtype=torch.float64).fit(
+    store = SignalEstimator(layer, [0], progress=False, store_dtype=torch.float64).fit(
         _loader(x, torch.zeros(len(x), dtype=torch.long), 100))[0]
     if kind == "linear":
         xg = x.double().unsqueeze(1)
