@@ -183,17 +183,6 @@ def test_unsupported_layers_are_named():
     with pytest.raises(UnsupportedModelError, match=r"'2' \(BatchNorm2d\) must directly follow"):
         Program(model)
 
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(3, 2)
-
-        def forward(self, x):
-            return self.fc(x) if x.sum() > 0 else -self.fc(x)
-
-    with pytest.raises(UnsupportedModelError, match="could not trace"):
-        Program(Branchy())
-
 
 def test_bad_targets_and_missing_stores():
     model, shape = _model("lenet")

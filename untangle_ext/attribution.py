@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .moments import slots_of
 from .store import ALL_CLASSES, SignalStore, StoreError, model_fingerprint
 from .trace import Affine, Program, Tape
 from .validation import InputChecker, check_topk
@@ -98,10 +99,7 @@ class Attributor:
         if missing:
             raise KeyError(f"no signal store for classes {missing}; estimate those classes first "
                            f"(stores exist for {sorted(slot_of)})")
-        table = torch.full((self.num_classes,), -1, dtype=torch.long, device=flat.device)
-        for c, s in slot_of.items():
-            table[c] = s
-        return table[flat]
+        return slots_of(flat, list(slot_of), self.num_classes)
 
     def _targets(self, logits: torch.Tensor, target, topk: int) -> torch.Tensor:
         """(B, k) class ids: the top-k predictions, or the given targets."""

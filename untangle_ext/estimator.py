@@ -18,7 +18,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .moments import Moments, accumulator_bytes
+from .moments import Moments, accumulator_bytes, slots_of
 from .patterns import MeanY, compute_patterns
 from .locking import ClassLock
 from ._io import remove_orphan_temps
@@ -106,9 +106,7 @@ class SignalEstimator:
         labels = torch.as_tensor(labels, device=self.device).long().view(-1)
         if chunk == [ALL_CLASSES]:
             return torch.zeros_like(labels)
-        table = torch.full((self.num_classes,), -1, dtype=torch.long, device=self.device)
-        table[torch.tensor(chunk, device=self.device)] = torch.arange(len(chunk), device=self.device)
-        return table[labels]
+        return slots_of(labels, chunk, self.num_classes)
 
     def _run(self, moments: Moments, batches: Batches, slots_fn, desc: str) -> None:
         """Accumulate this rank's shard of ``batches``, each batch validated; under torch.distributed, sum all ranks'."""

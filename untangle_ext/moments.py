@@ -128,6 +128,14 @@ def _new_layer_moments(layer: Affine, slots: int) -> LayerMoments:
     return LayerMoments(layer, mat, vec)
 
 
+def slots_of(classes: torch.Tensor, slot_classes: list[int], num_classes: int) -> torch.Tensor:
+    """Slot index of each class id in ``classes``: its position in ``slot_classes``, -1 where absent."""
+    table = torch.full((num_classes,), -1, dtype=torch.long, device=classes.device)
+    table[torch.tensor(slot_classes, dtype=torch.long, device=classes.device)] = torch.arange(
+        len(slot_classes), device=classes.device)
+    return table[classes]
+
+
 def accumulator_bytes(program: Program, slots: int = 1) -> int:
     """Bytes of float64 accumulators needed for ``slots`` classes."""
     per_slot = 0
