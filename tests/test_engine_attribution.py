@@ -175,13 +175,45 @@ def test_public_calls_leave_the_model_bit_identical():
     assert torch.equal(model(x), reference.eval()(x))
 
 
-def test_unsupported_layers_are_named():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2))
-    with pytest.raises(UnsupportedModelError, match=r"'1' \(Sigmoid\).*Supported"):
+class _Branchy(nn.Module):
+    """A block whose forward branches on a tensor value: fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x, y):
+        return self.fc(x + y)
+
+
+class _Assigns(nn.Module):
+    def forward(self, x):
+        x = x.clone()
+        x[:, 0] = 0
+        return x
+
+
+def test_untraceable_constructs_are_named_with_a_workaround():
+    model = nn.Sequential(nn.Linear(4, 4), _Branchy(), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModelError, match=r"module '1' \(_Branchy\).*leaf_modules"):
         Program(model)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2, 2))
-    with pytest.raises(UnsupportedModelError, match=r"'2' \(BatchNorm2d\) must directly follow"):
-        Program(model)
+    program = Program(model, leaf_modules=[_Branchy])  # the workaround: one op, reversed with its gradient
+    assert [layer.name for layer in program.layers] == ["0", "2"]
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(program.forward(x), model(x))
+    with pytest.raises(UnsupportedModelError, match=r"module '1' \(_Assigns\).*in-place ops on views"):
+        Program(nn.Sequential(nn.Linear(4, 4), _Assigns(), nn.Linear(4, 2)))
+    with pytest.raises(UnsupportedModelError, match="more than one input"):
+        Program(_TwoInputs())
 
 
 def test_bad_targets_and_missing_stores():

@@ -166,9 +166,6 @@ class _Builder:
 
     def on_call_function(self, node: fx.Node) -> None:
         fn = _INPLACE_FUNCTIONS.get(node.target, node.target)
-        if fn is operator.setitem:
-            raise self.unsupported(node, "an in-place assignment into an activation (x[...] = y)",
-                                   "build the tensor out of place, e.g. with torch.cat or torch.where")
         if fn is operator.getitem and node.args[0] in self.fused:
             src_fn, args, kwargs, data = self.fused[node.args[0]]
             self.add(node, Step(rules.GENERIC, node.name, args=args, kwargs=kwargs,
@@ -229,6 +226,7 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.leaf_types = leaf_modules
         self.path: list[str] = []
+        self.failed_in: Optional[str] = None  # the innermost module being traced when tracing failed
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
@@ -237,6 +235,9 @@ class _Tracer(fx.Tracer):
         self.path.append(f"module '{self.path_of_module(m)}' ({type(m).__name__})")
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            self.failed_in = self.failed_in or self.path[-1]
+            raise
         finally:
             self.path.pop()
 
@@ -246,7 +247,7 @@ def _trace(view: nn.Module, name: str, leaf_modules: tuple[type, ...]) -> fx.Gra
     try:
         return tracer.trace(view)
     except Exception as exc:  # fx raises many kinds of errors for untraceable code
-        where = tracer.path[-1] if tracer.path else f"the forward of {name}"
+        where = tracer.failed_in or f"the forward of {name}"
         raise UnsupportedModelError(
             f"could not trace {where} with torch.fx ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). "
             "Usual causes: Python control flow on tensor values, or in-place ops on views. Workarounds: make the "
