@@ -200,7 +200,7 @@ class _Branchy(nn.Module):
 
 
 @pytest.mark.parametrize("bad, cause", [
-    (nn.Sequential(nn.LSTM(4, 3)), "one tensor of logits"),
+    (nn.Sequential(nn.Linear(4, 3), nn.LSTM(3, 3)), "one tensor of logits"),
     (_Branchy(), "could not trace the forward of _Branchy.*control flow.*leaf_modules"),
     (nn.Sequential(nn.ReLU()), "no Linear or Conv"),
 ])
