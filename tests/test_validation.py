@@ -200,7 +200,6 @@ class _Branchy(nn.Module):
 
 
 @pytest.mark.parametrize("bad, cause", [
-    (nn.Sequential(nn.Linear(4, 3), nn.LSTM(3, 3)), "one tensor of logits"),
     (_Branchy(), "could not trace the forward of _Branchy.*control flow.*leaf_modules"),
     (nn.Sequential(nn.ReLU()), "no Linear or Conv"),
 ])
@@ -209,6 +208,12 @@ def test_unsupported_models(bad, cause):
         SignalEstimator(bad, progress=False)
     with pytest.raises(UnsupportedModelError, match=cause):
         Attributor(bad)
+
+
+def test_a_model_returning_a_tuple_is_refused_at_first_use():
+    attributor = Attributor(nn.Sequential(nn.Linear(4, 3), nn.LSTM(3, 3)))
+    with pytest.raises(UnsupportedModelError, match="returns a tuple.*one tensor of logits"):
+        attributor.attribute(torch.randn(2, 4), target=0, method="gradient")
 
 
 def test_smooth_activations_are_supported():

@@ -312,6 +312,9 @@ class Program:
                 if self._last_use[j] == step.index and j != self.output:
                     values[j] = None
         logits = values[self.output]
+        if not isinstance(logits, torch.Tensor):
+            raise UnsupportedModelError(f"the model returns a {type(logits).__name__}; it must return one tensor of "
+                                        "logits (wrap the model to return only the logits)")
         if logits.dim() < 2 or logits.shape[1] != self.num_outputs:
             raise UnsupportedModelError(f"the model returns shape {tuple(logits.shape)}; expected logits "
                                         f"(batch, {self.num_outputs}) from its last Linear/Conv layer")
