@@ -181,8 +181,8 @@ class ScaledAttributionWarning(UserWarning):
 def _denormalise(values: torch.Tensor, exponent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact maps ``values * 2**exponent`` where representable (exponent 0 there); the rest stay normalised."""
     exact = torch.ldexp(values, exponent.view(-1, *([1] * (values.dim() - 1))).to(values.dtype))
-    amax = exact.abs().flatten(1).amax(1) if exact.numel() else exact.new_zeros(exact.shape[0])
-    fits = torch.isfinite(amax) & ((amax >= torch.finfo(values.dtype).tiny) | (exponent == 0))
+    amax, vmax = (t.abs().flatten(1).amax(1) if t.numel() else t.new_zeros(t.shape[0]) for t in (exact, values))
+    fits = torch.isfinite(amax) & ((amax >= torch.finfo(values.dtype).tiny) | (vmax == 0))  # no overflow/underflow
     if bool(fits.all()):
         return exact, torch.zeros_like(exponent)
     warnings.warn(f"{int((~fits).sum())} of {fits.numel()} attribution maps exceed the range of {values.dtype}; "

@@ -22,6 +22,9 @@ from .layers import AffineLayer, UnsupportedModelError, affine_for
 from .rules import CONSTANT, Ref, Reverse, Step, Tape, resolve
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: Reads of a tensor's metadata: constants (they never carry the signal), whatever tensor they read.
+_METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "nelement", "element_size", "get_device"})
 _INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
                       operator.itruediv: operator.truediv}
 
@@ -167,8 +170,8 @@ class _Builder:
     def on_call_function(self, node: fx.Node) -> None:
         fn = _INPLACE_FUNCTIONS.get(node.target, node.target)
         if fn is operator.getitem and node.args[0] in self.fused:
-            src_fn, args, kwargs, data = self.fused[node.args[0]]
-            self.add(node, Step(rules.GENERIC, node.name, args=args, kwargs=kwargs,
+            src_fn, args, kwargs, data, src_name = self.fused[node.args[0]]
+            self.add(node, Step(rules.GENERIC, f"{src_name}[{node.args[1]}]", args=args, kwargs=kwargs,
                                 fn=_getitem_of(src_fn, node.args[1]), tensor_inputs=data))
             return
         self.call(node, rules.rule_for_function(fn), fn, node.name, gating=fn in rules.GATING_CALLS,
@@ -186,7 +189,9 @@ class _Builder:
     def call(self, node: fx.Node, rule: rules.Rule, fn: Callable, name: str, gating: bool,
              product: bool = False) -> None:
         """A function, method or leaf-module call: constant when no input reaches it, else run by ``rule``."""
-        data = self.data_inputs(node)
+        metadata = (fn is getattr and node.args[1] in _METADATA_ATTRS) or (
+            node.op == "call_method" and node.target in _METADATA_METHODS)
+        data = () if metadata else self.data_inputs(node)
         args, kwargs = self.ref(node.args), self.ref(node.kwargs)
         if "inplace" in kwargs:
             kwargs = {**kwargs, "inplace": False}
@@ -197,7 +202,7 @@ class _Builder:
             rule = rules.GENERIC  # alpha=, or x + x: the generic rule gets these right
         if rule is rules.GENERIC and node.users and all(
                 u.op == "call_function" and u.target is operator.getitem for u in node.users):
-            self.fused[node] = (fn, args, kwargs, data)  # e.g. chunk/split or a module returning a tuple
+            self.fused[node] = (fn, args, kwargs, data, name)  # e.g. chunk/split or a module returning a tuple
             self.index[node] = -1
             self.data[node] = True
             return
