@@ -83,12 +83,11 @@ def _load_native() -> str:
     for route in (_load_built, _jit_build):
         try:
             how = route()
-            if how is not None:
-                _check_ops()
         except Exception as exc:  # noqa: BLE001 - any failure means: try the next route
             errors.append(f"{route.__name__.strip('_')}: {type(exc).__name__}: {str(exc).strip()[:300]}")
             continue
         if how is not None:
+            _check_ops()  # a loaded library cannot be replaced by another route in this process
             return how
         errors.append(f"{route.__name__.strip('_')}: no untangle_ext._C in this install")
     raise RuntimeError("; ".join(errors))
