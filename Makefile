@@ -29,7 +29,7 @@ $(TORCH_STAMP): | $(VENV)/bin/python
 NATIVE_SRC   = $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
 
 $(STAMP): pyproject.toml setup.py $(NATIVE_SRC) $(TORCH_STAMP)
-	$(PIP) install numpy matplotlib pillow tqdm pytest hypothesis ninja
+	$(PIP) install numpy matplotlib pillow tqdm pytest hypothesis ninja "safetensors==0.8.0"
 	$(PIP) install --no-build-isolation -e .
 	touch $@
 

@@ -12,7 +12,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
 
 from _hardening import class_batches, tiny_model  # noqa: E402
 from untangle_ext import SignalEstimator  # noqa: E402
@@ -26,17 +25,19 @@ def block() -> None:
 
 
 if mode.startswith("save:"):
-    real_save = torch.save
+    from untangle_ext import store as store_mod
 
-    def partial_save(obj, f, *args, **kwargs):
-        if isinstance(obj, dict) and obj.get("class_id") == int(mode[5:]):
-            f.write(b"PK\x03\x04 half a store")
+    real_write = store_mod._write_v2
+
+    def partial_write(f, data, dtype):
+        if data.get("class_id") == int(mode[5:]):
+            f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{ half a store")
             f.flush()
             os.fsync(f.fileno())
             block()
-        return real_save(obj, f, *args, **kwargs)
+        return real_write(f, data, dtype)
 
-    torch.save = partial_save
+    store_mod._write_v2 = partial_write
 
 if mode == "slow":
     open(ready, "w").close()

@@ -16,12 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from untangle_ext import SignalEstimator, SignalStore, distributed
 from untangle_ext.compat import _CheckedLoader
 from untangle_ext.moments import VEC_FIELDS, Moments
-from untangle_ext.store import class_store_path
+from untangle_ext.store import PATTERN_KEYS, class_store_path
 from untangle_ext.trace import Program
 
 WORLD = 2
@@ -86,38 +86,46 @@ def _worker(rank: int, port: int, out: str) -> None:
     program = Program(model)
     try:
         moments = accumulate(program, distributed.shard_batches(make_batches()))
-        distributed.all_reduce_moments(moments)
+        distributed.all_reduce(moments)
         result["moments"] = moments_state(moments)
 
         own = distributed.Presharded(make_batches()[rank::WORLD])  # sharded by the caller: used as is
         presharded = accumulate(program, distributed.shard_batches(own))
-        distributed.all_reduce_moments(presharded)
+        distributed.all_reduce(presharded)
         result["presharded"] = moments_state(presharded)
 
         with distributed.disabled():  # each rank alone, on a different number of batches
             result["local"] = _estimator(model).fit(make_batches()[:1 + 2 * rank])
 
         lone = accumulate(program, distributed.shard_batches(make_batches()[:1]))  # rank 1 sees no batch
-        distributed.all_reduce_moments(lone)
+        distributed.all_reduce(lone)
         result["lone"] = moments_state(lone)
 
         loader = DataLoader(dataset(), batch_size=5, sampler=distributed.ShardSampler(dataset()))
-        result["fit"] = {c: s.to_dict() for c, s in _estimator(model).fit(loader).items()}
+        result["fit"] = {c: s.to_dict() for c, s in _estimator(model).fit(loader).items()}  # labelled: class split
+        unlabelled = distributed.Presharded([b for i, b in enumerate(make_batches()) if i % WORLD == rank])
+        result["fit_mixed"] = {c: s.to_dict() for c, s in _estimator(model).fit(unlabelled).items()}
 
         saves = []
-        if rank != 0:
-            original = SignalStore.save
-            SignalStore.save = lambda self, *a, **k: saves.append(a) or original(self, *a, **k)
+        original = SignalStore.save
+        SignalStore.save = lambda self, *a, **k: saves.append(self.class_id) or original(self, *a, **k)
         est = _estimator(model)
         result["written"] = est.fit_to_files(out_dir / "dist", class_batches)
         result["resumed"] = est.fit_to_files(out_dir / "dist", _no_loader)
-        result["saves_on_this_rank"] = len(saves)
+        SignalStore.save = original
+        result["saves_on_this_rank"] = saves
+        try:
+            shard = distributed.ShardSampler(dataset(), num_replicas=WORLD, rank=rank)  # built for the data split
+            est.fit_to_files(out_dir / "sharded", lambda c: DataLoader(dataset(), batch_size=5, sampler=shard))
+        except ValueError as exc:
+            result["sharded_class_error"] = str(exc)
 
         sharded = DataLoader(dataset(), batch_size=5, sampler=distributed.ShardSampler(dataset()))
         wrapped = _CheckedLoader(sharded, None, 0)  # estimate_signals' wrapper keeps the sharding visible
         result["wrapped_kept"] = distributed.shard_batches(wrapped) is wrapped
 
-        padded = DataLoader(dataset(), batch_size=5, sampler=DistributedSampler(dataset(), shuffle=False))
+        unlabelled_set = Subset(dataset(), range(len(dataset())))  # no `targets`: the data is split, not the classes
+        padded = DataLoader(unlabelled_set, batch_size=5, sampler=DistributedSampler(unlabelled_set, shuffle=False))
         try:
             _estimator(model).fit(padded)
         except ValueError as exc:
@@ -128,7 +136,8 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def _estimator(model: nn.Module) -> SignalEstimator:
-    return SignalEstimator(model, store_dtype=torch.float64, progress=False)
+    return SignalEstimator(model, store_dtype=torch.float64, file_dtype=torch.float64, keep=PATTERN_KEYS,
+                           progress=False)
 
 
 def _no_loader(c: int):
@@ -173,7 +182,7 @@ def compare_moments(state: dict, reference: Moments) -> float:
     assert torch.equal(state["images"], reference.images)
     worst = 0.0
     for name, lm in reference.layers.items():
-        distributed.reshift(lm, state[name]["shift"])
+        lm.reshift(state[name]["shift"])
         mine = state[name]
         worst = max(worst, max_rel_diff(mine["mat"], lm.mat), max_rel_diff(vec_rows(mine["vec"]), vec_rows(lm.vec)))
     return worst
@@ -230,25 +239,40 @@ def _assert_same_store(got: dict, want: dict) -> None:
                 assert torch.equal(got["patterns"][layer][key], t)
 
 
-def test_fit_with_shard_sampler_equals_single_process(ranks):
+def test_fit_with_labelled_data_splits_the_classes(ranks):
+    """A data set that knows its labels: each rank estimates its share of the classes whole, alone."""
     results, _ = ranks
-    loader = DataLoader(dataset(), batch_size=5)
-    want = {c: s.to_dict() for c, s in _estimator(make_model()).fit(loader).items()}
+    want = {c: s.to_dict() for c, s in _estimator(make_model()).fit(DataLoader(dataset(), batch_size=5)).items()}
+    assert [sorted(r["fit"]) for r in results] == [[0, 2], [1]]
     for result in results:
-        assert result["fit"].keys() == want.keys() == set(range(CLASSES))
-        for c in want:
+        for c in result["fit"]:
             _assert_same_store(result["fit"][c], want[c])
 
 
-def test_per_class_files_written_by_rank0_equal_single_process(ranks, tmp_path):
+def test_fit_on_mixed_batches_all_reduces_then_splits_the_classes(ranks):
+    """No labels to split by: the ranks split the data, all-reduce, then each computes its share of the classes."""
+    results, _ = ranks
+    want = {c: s.to_dict() for c, s in _estimator(make_model()).fit(make_batches()).items()}
+    assert [sorted(r["fit_mixed"]) for r in results] == [[0, 2], [1]]
+    for result in results:
+        for c in result["fit_mixed"]:
+            _assert_same_store(result["fit_mixed"][c], want[c])
+
+
+def test_per_class_files_split_between_ranks_equal_single_process(ranks, tmp_path):
     results, out = ranks
     _estimator(make_model()).fit_to_files(tmp_path / "single", class_batches)
     for c in range(CLASSES):
-        got = torch.load(class_store_path(out / "dist", c), weights_only=True)
-        _assert_same_store(got, torch.load(class_store_path(tmp_path / "single", c), weights_only=True))
-    assert results[1]["saves_on_this_rank"] == 0
-    for result in results:
+        got = SignalStore.load(class_store_path(out / "dist", c)).to_dict()
+        _assert_same_store(got, SignalStore.load(class_store_path(tmp_path / "single", c)).to_dict())
+    assert [r["saves_on_this_rank"] for r in results] == [[0, 2], [1]]  # each rank writes its own classes
+    for result in results:  # ... and every rank returns every class's path
         assert result["written"] == result["resumed"] == {c: class_store_path(out / "dist", c) for c in range(3)}
+
+
+def test_per_class_loader_sharded_over_ranks_is_refused(ranks):
+    for result in ranks[0]:
+        assert "ranks split the classes" in result["sharded_class_error"]
 
 
 def test_estimate_signals_loader_wrapper_keeps_shard_sampler(ranks):

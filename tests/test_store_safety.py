@@ -12,14 +12,18 @@ import threading
 import time
 from pathlib import Path
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from _hardening import NUM_CLASSES, class_batches, tiny_model
 from untangle_ext import Attributor, SignalEstimator
 from untangle_ext import store as store_mod
 from untangle_ext.locking import ClassLock, ClassLockTimeout, lock_path
-from untangle_ext.store import (FORMAT_VERSION, SignalStore, StoreArchitectureError, StoreClassMismatchError,
+from untangle_ext.store import (FORMAT_VERSION, StoreKeyError, SignalStore, StoreArchitectureError, StoreClassMismatchError,
                                 StoreCorruptError, StoreError, StoreMissingError, StoreModelMismatchError,
                                 StoreTooLargeError, StoreUnsafeError, StoreVersionError, StoreWeightsError,
                                 class_store_path, load_class_stores, model_fingerprint)
@@ -34,10 +38,16 @@ def saved(stores, tmp_path) -> Path:
 
 
 def resave(path: Path, **changes) -> Path:
-    """Rewrite a valid store file with some top-level fields changed (bypassing save's validation)."""
-    data = torch.load(path, weights_only=True)
-    data.update(changes)
-    torch.save(data, path)
+    """Rewrite a valid v2 store file with some header fields changed (bypassing save's validation)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta["header"])
+    for key, value in changes.items():
+        if key in ("format", "format_version"):
+            meta[key] = str(value)
+        else:
+            header[key] = value
+    save_file(tensors, str(path), metadata={**meta, "header": json.dumps(header)})
     return path
 
 
@@ -47,14 +57,68 @@ def test_roundtrip_keeps_every_field(model, stores, saved):
     assert (loaded.class_id, loaded.fingerprint, loaded.num_samples) == (0, model_fingerprint(model), s.num_samples)
     assert loaded.layers == [{"name": "0", "kind": "conv2d", "weight_shape": [2, 1, 3, 3]},
                              {"name": "4", "kind": "linear", "weight_shape": [3, 8]}]
-    assert loaded.estimator == {"mean_y": "all", "per_class": True, "store_dtype": "float32"}
+    assert loaded.estimator == {"mean_y": "all", "per_class": True, "store_dtype": "float16"}
     assert loaded.input_shape == [1, 6, 6] and loaded.library_version == store_mod.__version__
-    raw = torch.load(saved, weights_only=True)
-    assert raw["format_version"] == FORMAT_VERSION and raw["format"] == store_mod.FORMAT
-    for name, p in s.patterns.items():
+    assert saved.read_bytes()[8:9] == b"{"  # a safetensors file under the tutorial's .pkl name
+    with safe_open(str(saved), framework="pt") as f:
+        assert f.metadata()["format_version"] == str(FORMAT_VERSION) == "2"
+        assert f.metadata()["format"] == store_mod.FORMAT
+        assert sorted(f.keys()) == ["0/a_pos", "0/a_pos/exp", "0/n", "0/n_pos", "1/a_pos", "1/a_pos/exp", "1/n",
+                                    "1/n_pos"]
+        assert f.get_tensor("0/a_pos").dtype == torch.float16
+    written = s.encoded()
+    assert {n: sorted(p) for n, p in loaded.patterns.items()} == {n: ["a_pos", "n", "n_pos"] for n in s.patterns}
+    for name, p in written.patterns.items():
         for key, v in p.items():
             assert torch.equal(loaded.patterns[name][key], v)
+        rel = (p["a_pos"] - s.patterns[name]["a_pos"]).norm() / s.patterns[name]["a_pos"].norm()
+        assert 0 < rel < 1e-3  # rounded to float16 (2**-11 relative per value), not exact
     loaded.check_matches(SignalEstimator(model, progress=False).program, model_fingerprint(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_save_options_keep_all_and_dtypes(stores, tmp_path, dtype):
+    s = stores[0]
+    loaded = SignalStore.load(s.save(tmp_path / "all_class_0.pkl", dtype=dtype, keep=store_mod.PATTERN_KEYS))
+    for name, p in s.patterns.items():
+        for key, v in p.items():
+            got = loaded.patterns[name][key]
+            if key.startswith("a_") and dtype == torch.bfloat16:
+                assert got.dtype == torch.float32 and 0 < float((got - v).norm() / v.norm()) < 8e-3
+            else:
+                assert torch.equal(got, v.to(got.dtype)) and got.dtype == (dtype if key.startswith("a_") else v.dtype)
+
+
+def test_half_storage_keeps_tiny_and_huge_patterns(stores, tmp_path):
+    """Per-neuron power-of-two exponents: values far outside float16's range round-trip to float16 precision."""
+    s = SignalStore(**{**stores[0].__dict__, "path": None})
+    s.patterns = {n: dict(p) for n, p in s.patterns.items()}
+    a = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    s.patterns["4"]["a_pos"] = a * torch.tensor([1e-30, 1.0, 1e30]).view(3, 1)
+    loaded = SignalStore.load(s.save(tmp_path / "range_class_0.pkl")).patterns["4"]["a_pos"]
+    want = s.patterns["4"]["a_pos"]
+    for k in range(3):
+        assert 0 < float((loaded[k].double() - want[k].double()).norm() / want[k].double().norm()) < 1e-3
+
+
+def test_missing_pattern_is_a_key_error(saved, model):
+    with pytest.raises(StoreKeyError, match="holds no \\['a_lin'\\] patterns") as err:
+        SignalStore.load(saved, keys=("a_lin",))
+    assert str(saved) in str(err.value) and "keep=" in str(err.value)
+    with pytest.raises(StoreKeyError, match="a_lin"):
+        Attributor(model, {0: SignalStore.load(saved)}).explain(torch.zeros(1, 1, 6, 6), target=0, estimator="linear")
+
+
+def test_reads_version_1_files(model, stores, tmp_path):
+    """Stores written by earlier versions (torch zip archives) still load, every field intact."""
+    path = tmp_path / "old_class_0.pkl"
+    torch.save(stores[0].to_dict(), path)
+    loaded = SignalStore.load(path, expected_class=0)
+    for name, p in stores[0].patterns.items():
+        for key, v in p.items():
+            assert torch.equal(loaded.patterns[name][key], v)
+    assert torch.equal(Attributor(model, {0: loaded}).explain(torch.ones(2, 1, 6, 6), target=0).attributions,
+                       Attributor(model, {0: stores[0]}).explain(torch.ones(2, 1, 6, 6), target=0).attributions)
 
 
 def test_changed_weights_is_a_weights_error(saved):
@@ -107,6 +171,9 @@ def test_random_bytes_and_other_files(tmp_path):
         SignalStore.load(random_file)
     plain = tmp_path / "plain_class_0.pkl"
     torch.save({"weights": torch.ones(2)}, plain)
+    with pytest.raises(StoreCorruptError, match="not an untangle_ext signal store"):
+        SignalStore.load(plain)
+    save_file({"weights": torch.ones(2)}, str(plain))  # a model checkpoint in safetensors, not a store
     with pytest.raises(StoreCorruptError, match="not an untangle_ext signal store"):
         SignalStore.load(plain)
     with pytest.raises(StoreCorruptError, match="not a regular file"):
@@ -167,11 +234,11 @@ def test_save_refuses_an_invalid_store(stores, tmp_path):
 def test_failed_save_leaves_old_file_and_no_temp(stores, saved, monkeypatch):
     before = saved.read_bytes()
 
-    def broken_save(obj, f):
-        f.write(b"PK partial")
+    def broken_write(f, data, dtype):
+        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{ partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(store_mod.torch, "save", broken_save)
+    monkeypatch.setattr(store_mod, "_write_v2", broken_write)
     with pytest.raises(OSError, match="disk full"):
         stores[0].save(saved)
     assert saved.read_bytes() == before

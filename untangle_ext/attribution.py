@@ -14,15 +14,17 @@ returned normalised with its ``scale_exponent`` (and a warning says so).
 """
 from __future__ import annotations
 
+import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal, Mapping, Optional, Sequence, Union
+from typing import Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from .moments import slots_of
-from .store import ALL_CLASSES, SignalStore, StoreError, model_fingerprint
+from .store import ALL_CLASSES, DEFAULT_MAX_BYTES, SignalStore, StoreError, class_store_path, model_fingerprint
 from .layers import AffineLayer
 from .rules import Tape
 from .trace import Program
@@ -49,11 +51,55 @@ class Explanation:
         return torch.softmax(self.logits, dim=1)
 
 
+class StoreSet:
+    """Per-class stores under a prefix (``{prefix}_class_{c}.pkl``), read on first use, at most ``cache_size`` held.
+
+    Only the patterns named in ``keys`` are read (v2 files read just those tensors). The
+    least recently used class is dropped when a new one is loaded (a call that needs more
+    classes than ``cache_size`` holds them all for that call). Each store is checked when it
+    is loaded: its class, and that it was estimated for the attributor's model.
+    """
+
+    def __init__(self, prefix: "os.PathLike[str] | str", classes: Iterable[int], cache_size: int = 64,
+                 keys: Sequence[str] = ("a_pos",), max_bytes: Optional[int] = DEFAULT_MAX_BYTES):
+        if int(cache_size) < 1:
+            raise ValueError(f"cache_size must be >= 1, not {cache_size}")
+        self.prefix, self.classes = prefix, sorted(int(c) for c in classes)
+        self.cache_size, self.keys, self.max_bytes = int(cache_size), tuple(keys), max_bytes
+        self._cache: OrderedDict[int, SignalStore] = OrderedDict()
+        self.loads = 0  # how many files were read (for tests and measurements)
+
+    def get(self, class_id: int, check=None) -> SignalStore:
+        """The store of ``class_id``, from the cache or read now (then ``check(store)`` runs before caching)."""
+        if class_id in self._cache:
+            self._cache.move_to_end(class_id)
+            return self._cache[class_id]
+        if class_id not in self.classes:
+            raise KeyError(f"no signal store for class {class_id} in this store set (it holds "
+                           f"{len(self.classes)} classes under {self.prefix})")
+        store = SignalStore.load(class_store_path(self.prefix, class_id), expected_class=class_id,
+                                 max_bytes=self.max_bytes, keys=self.keys)
+        self.loads += 1
+        if check is not None:
+            check(store)
+        self._cache[class_id] = store
+        return store
+
+    def trim(self) -> None:
+        """Drop least recently used stores beyond ``cache_size``."""
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    @property
+    def cached(self) -> list[int]:
+        return list(self._cache)
+
+
 class Attributor:
     """Explain a model's predictions with PatternAttribution, PatternNet or the gradient.
 
-    ``stores`` maps class ids to :class:`SignalStore` (or is one all-class store);
-    it may be omitted for ``method="gradient"``. Inputs must have the per-image shape
+    ``stores`` maps class ids to :class:`SignalStore` (or is one all-class store, or a lazy
+    :class:`StoreSet`: see :meth:`from_prefix`); it may be omitted for ``method="gradient"``. Inputs must have the per-image shape
     ``input_shape`` (default: the shape the stores were estimated on). ``constant_gates=True``
     holds gating factors (sigmoid/softmax outputs multiplied into an activation, as in
     squeeze-excitation and attention) constant instead of reversing their gradient.
@@ -63,7 +109,7 @@ class Attributor:
     def __init__(
         self,
         model: nn.Module,
-        stores: Union[SignalStore, Mapping[int, SignalStore], None] = None,
+        stores: Union[SignalStore, Mapping[int, SignalStore], StoreSet, None] = None,
         check_fingerprint: bool = True,
         input_shape: Optional[Sequence[int]] = None,
         constant_gates: bool = False,
@@ -73,13 +119,32 @@ class Attributor:
         self.constant_gates = constant_gates
         if isinstance(stores, SignalStore):
             stores = {stores.class_id: stores}
-        self.stores: dict[int, SignalStore] = dict(stores or {})
-        fingerprint = model_fingerprint(model) if (self.stores and check_fingerprint) else None
+        self.lazy: Optional[StoreSet] = stores if isinstance(stores, StoreSet) else None
+        self.stores: dict[int, SignalStore] = {} if self.lazy else dict(stores or {})
+        self._fingerprint = model_fingerprint(model) if ((self.stores or self.lazy) and check_fingerprint) else None
         for c, store in self.stores.items():
             store.check_class(c)
-            store.check_matches(self.program, fingerprint)
+            store.check_matches(self.program, self._fingerprint)
+        if self.lazy is not None and input_shape is None and self.lazy.classes:
+            input_shape = self.lazy.get(self.lazy.classes[0], self._check_lazy).input_shape
         self._checker = InputChecker(self.program, input_shape or _stores_input_shape(self.stores.values()))
         self._banks: dict[tuple[str, str], tuple[dict[str, torch.Tensor], dict[int, int]]] = {}
+
+    @classmethod
+    def from_prefix(cls, model: nn.Module, prefix: "os.PathLike[str] | str", classes: Optional[Iterable[int]] = None,
+                    cache_size: int = 64, estimator: Estimator = "positive", **kwargs) -> "Attributor":
+        """An attributor over the stores ``{prefix}_class_{c}.pkl`` of ``classes`` (default: every output),
+        each read when an explanation first needs it, at most ``cache_size`` held (LRU)."""
+        classes = range(Program(model).num_outputs) if classes is None else classes
+        return cls(model, StoreSet(prefix, classes, cache_size, keys=(_PATTERN_KEY[estimator],)), **kwargs)
+
+    def _check_lazy(self, store: SignalStore) -> None:
+        store.check_matches(self.program, self._fingerprint)
+        expected = getattr(self, "_checker", None)
+        if expected is not None and expected.expected is not None and store.input_shape is not None \
+                and tuple(store.input_shape) != tuple(expected.expected):
+            raise StoreError(f"{store.source} was estimated on images of shape {tuple(store.input_shape)}, the other "
+                             f"stores on {tuple(expected.expected)}; use stores from one estimation run")
 
     @property
     def num_classes(self) -> int:
@@ -97,13 +162,33 @@ class Attributor:
             return self._banks[key]
         if not self.stores:
             raise ValueError(f"method {method!r} needs signal stores; estimate them first or use method='gradient'")
-        classes = sorted(self.stores)
+        self._banks[key] = self._stack([self.stores[c] for c in sorted(self.stores)], method, estimator)
+        return self._banks[key]
+
+    def _stack(self, stores: list[SignalStore], method: Method,
+               estimator: Estimator) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
+        """Per-layer reverse weights of ``stores`` stacked (S, K, ...), and the class → slot map."""
         pkey = _PATTERN_KEY[estimator]
+        for store in stores:
+            store.check_keys((pkey,))
         bank = {}
-        for l in layers:
-            a = torch.stack([self.stores[c].patterns[l.name][pkey] for c in classes]).to(l.weight)
+        for l in self.program.layers:
+            a = torch.stack([s.patterns[l.name][pkey] for s in stores]).to(l.weight)
             bank[l.name] = a * l.weight.unsqueeze(0) if method == "pattern_attribution" else a
-        self._banks[key] = (bank, {c: i for i, c in enumerate(classes)})
+        return bank, {s.class_id: i for i, s in enumerate(stores)}
+
+    def _lazy_bank(self, targets: torch.Tensor, method: Method,
+                   estimator: Estimator) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
+        """The bank of just the classes in ``targets``, read through the LRU store set."""
+        needed = sorted(set(targets.reshape(-1).tolist()))
+        if self.lazy.keys != (_PATTERN_KEY[estimator],):
+            raise ValueError(f"this attributor reads {self.lazy.keys} patterns; build it with "
+                             f"Attributor.from_prefix(..., estimator={estimator!r})")
+        key = (method, estimator, tuple(needed))
+        if key not in self._banks:  # the last call's bank is kept: repeated explanations of one image reuse it
+            stores = [self.lazy.get(c, self._check_lazy) for c in needed]
+            self.lazy.trim()
+            self._banks = {key: self._stack(stores, method, estimator)}
         return self._banks[key]
 
     def _pair_slots(self, targets: torch.Tensor, slot_of: dict[int, int], method: Method) -> torch.Tensor:
@@ -148,7 +233,8 @@ class Attributor:
         logits = self.program.forward(x, tape=tape)
         targets = self._targets(logits, target, topk)
         k = targets.shape[1]
-        bank, slot_of = self._bank(method, estimator)
+        lazy = self.lazy is not None and method != "gradient"
+        bank, slot_of = self._lazy_bank(targets, method, estimator) if lazy else self._bank(method, estimator)
         slots = self._pair_slots(targets, slot_of, method)
         seed = torch.zeros((x.shape[0] * k, logits.shape[1]), dtype=logits.dtype, device=logits.device)
         seed.scatter_(1, targets.reshape(-1, 1), 1.0)

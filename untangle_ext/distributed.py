@@ -1,9 +1,15 @@
 """Distributed estimation with ``torch.distributed`` (SPEC §6).
 
-The statistics are sums, so each rank accumulates the moments of its own shard
-of the data, and one float64 all-reduce (sum) per accumulator gives every rank
-the moments of the whole data set before patterns are computed. Only rank 0
-writes store files; the others wait on a barrier.
+Two ways to split the work, chosen by what the data allows:
+
+* per-class data (per-class loaders, or a data set that knows its labels): the
+  ranks split the CLASSES (:func:`class_share`); each rank reads its classes
+  whole, computes their patterns and writes their files. No collectives but a
+  final barrier.
+* one mixed loader without labels: the ranks split the DATA; each accumulates the
+  moments of its shard, and the injected reducer :func:`all_reduce` (one float64
+  all-reduce per accumulator, through the moments' own methods) gives every rank
+  the sums of the whole data set; then each rank computes its share of the classes.
 
 Estimation is distributed while a default process group of more than one rank
 is initialised (``torchrun`` + ``dist.init_process_group``, or :func:`init`,
@@ -23,13 +29,13 @@ import contextvars
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Sized
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Sized
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from .moments import LayerMoments, Moments
+from .moments import Moments
 
 _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("untangle_ext_distributed", default=True)
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -145,81 +151,84 @@ def shard_batches(batches: Iterable) -> Iterable:
     return itertools.islice(batches, shard.rank, None, shard.world_size)
 
 
-def reshift(lm: LayerMoments, shift: torch.Tensor) -> None:
-    """Re-express the sums of ``lm`` about ``shift`` instead of ``lm.shift``, exactly, in place.
-
-    With ``d = s_old - s_new`` (patch space) and ``e = W d``, the shifted data move by
-    constants: ``x~' = x~ + d``, ``y~' = y~ + e`` (gates are unchanged: they come from the
-    layer's output). Hence, with ``n`` samples and ``n+`` open gates::
-
-        Σx~'    = Σx~ + n d                      Σy~'  = Σy~ + n e
-        Σy~'x~' = Σy~x~ + e Σx~ + d Σy~ + n e d
-        and the gated sums likewise with Σg x~, Σg y~ and n+ in place of Σx~, Σy~ and n.
-    """
-    old = lm.patch_shift()
-    lm.set_shift(shift)
-    d = old - lm.patch_shift()  # (G, Dg)
-    layer = lm.layer
-    g, k = layer.groups, layer.out_features
-    kg = k // g
-    e = (layer.weight.double().reshape(g, kg, -1) @ d.unsqueeze(2)).squeeze(2)  # (G, Kg)
-    slots = lm.count.shape[0]
-    e4, d4, n4 = e.view(1, g, kg, 1), d.view(1, g, 1, -1), lm.count.view(slots, 1, 1, 1)
-    sy4, gy4, npos4 = (lm.field(f).view(slots, g, kg, 1) for f in ("sum_y", "pos_sum_y", "pos_n"))
-    sxy, sgx, sgxy, sx = (lm.block(b) for b in ("sum_yx", "pos_sum_x", "pos_sum_yx", "sum_x"))
-    sxy += e4 * sx + d4 * sy4 + n4 * e4 * d4  # old Σx~, Σy~ (updated below)
-    sgxy += e4 * sgx + d4 * gy4 + npos4 * e4 * d4  # old Σg x~, Σg y~
-    sgx += npos4 * d4
-    sx += n4 * d4
-    ev, n2, npos = e.view(1, k), lm.count.view(slots, 1), lm.field("pos_n")
-    lm.field("sum_y").add_(n2 * ev)
-    lm.field("pos_sum_y").add_(npos * ev)
-
-
-def _common_shifts(layers: list[LayerMoments], shard: Shard, device: torch.device) -> Optional[list[torch.Tensor]]:
+def _common_shifts(moments: Moments, shard: Shard, device: torch.device) -> Optional[list[torch.Tensor]]:
     """The shifts of the lowest rank that saw data (bit-identical on every rank), or None if no rank did."""
-    has_data = layers[0].shift is not None
-    source = torch.tensor([shard.rank if has_data else shard.world_size], device=device)
+    mine = moments.shifts()
+    source = torch.tensor([shard.rank if mine is not None else shard.world_size], device=device)
     dist.all_reduce(source, op=dist.ReduceOp.MIN)
     src = int(source.item())
     if src == shard.world_size:
         return None
-    sizes = [lm.layer.in_features for lm in layers]
-    flat = (torch.cat([lm.shift.double().flatten() for lm in layers]) if shard.rank == src
+    layers = [lm.layer for lm in moments.layers.values()]
+    sizes = [layer.in_features for layer in layers]
+    flat = (torch.cat([s.double().flatten() for s in mine]) if shard.rank == src
             else torch.empty(sum(sizes), dtype=torch.float64, device=device))
     dist.broadcast(flat, src=src)
-    return [s.to(lm.layer.weight.dtype) for s, lm in zip(flat.split(sizes), layers)]
+    return [s.to(layer.weight.dtype) for s, layer in zip(flat.split(sizes), layers)]
 
 
 @torch.no_grad()
-def all_reduce_moments(moments: Moments) -> None:
-    """Sum every rank's accumulators into ``moments`` (float64, in place); a no-op unless distributed.
+def all_reduce(moments: Moments) -> None:
+    """The torch.distributed reducer: sum every rank's accumulators into ``moments`` (float64, in place).
 
     Each rank accumulated about its own first batch's shift, and sums about
     different shifts cannot be added. Rather than agreeing on a shift before
     accumulating (a collective before the first batch, and a special case for
     ranks or classes without data), every rank re-shifts its finished sums
-    exactly (:func:`reshift`) to the shift of the lowest rank that saw data;
+    exactly (:meth:`Moments.reshift`) to the shift of the lowest rank that saw data;
     a rank without data has all-zero sums, valid about any shift. Then the
-    sums and the per-slot image counts are all-reduced. Every rank must call this.
+    sums (:meth:`Moments.sums`) and the per-slot image counts are all-reduced.
+    Every rank must call this.
     """
     shard = current()
     if shard is None:
         return
-    layers = list(moments.layers.values())
-    device = layers[0].mat.device
-    common = _common_shifts(layers, shard, device)
-    for lm, shift in zip(layers, common or []):
-        if lm.shift is None:
-            lm.set_shift(shift)
-        else:
-            reshift(lm, shift)
-    for lm in layers:
-        dist.all_reduce(lm.mat)
-        dist.all_reduce(lm.vec)
-    images = moments.images.to(device)
+    sums = moments.sums()
+    common = _common_shifts(moments, shard, sums[0].device)
+    if common is not None:
+        moments.reshift(common)
+    for t in sums:
+        dist.all_reduce(t)
+    images = moments.images.to(sums[0].device)
     dist.all_reduce(images)
     moments.images.copy_(images.cpu())
+
+
+def _local(moments: Moments) -> None:
+    """The single-process reducer: nothing to combine."""
+
+
+def reducer() -> Callable[[Moments], None]:
+    """The reducer for the current context: :func:`all_reduce` while distributed, else a no-op."""
+    return all_reduce if current() is not None else _local
+
+
+def class_share(classes: Sequence[int]) -> list[int]:
+    """This rank's share of ``classes`` (every W-th, from position ``rank``); all of them unless distributed."""
+    shard = current()
+    return list(classes) if shard is None else list(classes)[shard.rank::shard.world_size]
+
+
+def check_whole(batches: object, class_id: int) -> None:
+    """Refuse a per-class loader sharded over ranks: under the class split one rank reads a class whole."""
+    sampler = _sampler_of(batches)
+    if isinstance(sampler, DistributedSampler) and sampler.num_replicas > 1:
+        raise ValueError(f"the loader of class {class_id} reads only rank {sampler.rank}'s part of the class "
+                         f"({type(sampler).__name__} over {sampler.num_replicas} ranks), but each class is now "
+                         "estimated whole by one rank (the ranks split the classes); build per-class loaders "
+                         "without ShardSampler/DistributedSampler")
+
+
+def gather_classes(classes: Sequence[int], num_classes: int) -> list[int]:
+    """The union of every rank's ``classes`` (ids below ``num_classes``), sorted; ``classes`` unless distributed."""
+    shard = current()
+    if shard is None:
+        return sorted(classes)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    mask = torch.zeros(num_classes + 1, dtype=torch.int32, device=device)
+    mask[torch.tensor([c + 1 for c in classes], dtype=torch.long, device=device)] = 1  # +1: ALL_CLASSES is -1
+    dist.all_reduce(mask)
+    return [i - 1 for i in torch.nonzero(mask).view(-1).tolist()]
 
 
 def main_decides(decide: Callable[..., bool], *args: object) -> bool:

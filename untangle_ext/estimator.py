@@ -1,32 +1,45 @@
-"""Signal estimation: stream a loader through the model once, per-class moments → patterns → stores.
+"""Signal estimation: stream data through the model, per-class moments → patterns → stores.
 
-:class:`SignalEstimator` estimates every class in ONE pass over a loader of
-``(image, label)`` batches. When the float64 accumulators of all classes do not
-fit the memory budget, classes are processed in chunks (one pass per chunk).
+:class:`SignalEstimator` holds the configuration and the pure estimation core;
+the file policy (resume, locks, orphans, who writes) is :mod:`untangle_ext.files`,
+and how accumulators from several processes are combined is an injected
+*reducer* (:mod:`untangle_ext.distributed` provides the torch.distributed one).
+
+Reading plans for one loader of ``(image, label)`` batches (:meth:`SignalEstimator.fit`):
+
+* the data set knows its labels (``targets``, a labels tensor, or ``labels=``): ONE
+  pass, class by class through per-class batches, one class of accumulators in memory;
+* otherwise: one pass per chunk of classes whose accumulators fit the memory
+  budget. The number of passes is announced up front, and a one-shot iterator
+  (e.g. a generator) is refused when more than one pass is needed.
 """
 from __future__ import annotations
 
-import copy
 import os
-import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .classwise import class_loader, dataset_labels
+from .files import LOCKS_PER_PASS, write_class_stores
 from .moments import Moments, accumulator_bytes, slots_of
 from .patterns import MeanY, compute_patterns
-from .locking import ClassLock
-from ._io import remove_orphan_temps
-from .store import ALL_CLASSES, SignalStore, StoreError, class_store_path, layer_signature, model_fingerprint
+from .store import ALL_CLASSES, DEFAULT_FILE_DTYPE, DEFAULT_KEEP, SignalStore, layer_signature, model_fingerprint
 from .trace import Program
 from .validation import InputChecker, batches_of, check_labels, split_batch, warn_empty
 
 Batches = Iterable[Sequence[torch.Tensor]]
+#: Combines this process's accumulators with those of the other processes, in place (every process calls it).
+Reducer = Callable[[Moments], None]
+
+
+class MultiPassWarning(UserWarning):
+    """The loader's data set does not expose its labels, so estimation reads it once per chunk of classes."""
 
 
 def _available_memory() -> int:
@@ -53,15 +66,17 @@ class SignalEstimator:
 
     ``classes``: which classes to estimate (default: every output). ``per_class=False``
     estimates one store from all samples (iNNvestigate semantics). ``memory_budget``
-    bounds the bytes of float64 accumulators held at once. ``input_shape`` (e.g.
-    ``args.img_size``) is the expected shape of one image; by default the first
-    batch's shape, which every later batch must then match. ``compute_dtype``
+    bounds the bytes of float64 accumulators held at once (chunked passes only).
+    ``input_shape`` (e.g. ``args.img_size``) is the expected shape of one image; by default
+    the first batch's shape, which every later batch must then match. ``compute_dtype``
     (default: the model's) is the dtype of the estimation forward and of the per-batch
     statistics products: float32 products summed over ~10^4-10^5 conv positions per
     batch carry 1e-6 to 1e-4 relative error into the patterns (most in ill-conditioned
-    a⁻); ``torch.float64`` removes it at about twice the cost. ``leaf_modules``: module classes
-    traced as single ops (reversed with their gradient), e.g. blocks fx cannot trace. The model
-    is never modified.
+    a⁻); ``torch.float64`` removes it at about twice the cost. ``store_dtype``: dtype of the
+    patterns of the returned stores; ``file_dtype`` / ``keep``: how :meth:`fit_to_files`
+    writes them (see :meth:`SignalStore.save`). ``leaf_modules``: module classes traced as
+    single ops. ``reducer``: combines accumulators across processes (default: the
+    torch.distributed all-reduce while a process group is active). The model is never modified.
     """
 
     def __init__(
@@ -76,6 +91,9 @@ class SignalEstimator:
         input_shape: Optional[Sequence[int]] = None,
         compute_dtype: Optional[torch.dtype] = None,
         leaf_modules: Sequence[type] = (),
+        file_dtype: torch.dtype = DEFAULT_FILE_DTYPE,
+        keep: Sequence[str] = DEFAULT_KEEP,
+        reducer: Optional[Reducer] = None,
     ):
         self.model = model
         self.program = Program(model, dtype=compute_dtype, leaf_modules=leaf_modules)
@@ -92,15 +110,40 @@ class SignalEstimator:
         self.memory_budget = memory_budget
         self.store_dtype = store_dtype
         self.progress = progress
+        self.file_dtype = file_dtype
+        self.keep = tuple(keep)
+        self.reducer = reducer
+        self._fingerprint: Optional[str] = None
 
     @property
     def device(self) -> torch.device:
         return self.program.layers[0].weight.device
 
-    def _chunks(self) -> list[list[int]]:
-        if not self.per_class:
-            return [[ALL_CLASSES]]
-        return chunk_classes(self.classes, accumulator_bytes(self.program), self.memory_budget)
+    @property
+    def fingerprint(self) -> str:
+        """The model's fingerprint, computed once per estimator (the model must not change meanwhile)."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    def _reduce(self, moments: Moments) -> None:
+        (self.reducer or distributed.reducer())(moments)
+
+    # ------------------------------------------------------------------ the pure core: batches → moments → stores
+
+    def _accumulate(self, moments: Moments, batches: Batches, slots_fn, desc: str, shard: bool = True) -> None:
+        """Add ``batches`` (this process's shard of them when ``shard``) to ``moments``, each batch validated."""
+        batches = batches_of(batches, f"the loader ({desc})")
+        bar = tqdm(distributed.shard_batches(batches) if shard else batches, desc=desc,
+                   disable=not self.progress, leave=False)
+        for i, batch in enumerate(bar):
+            x, labels = self._batch(batch, f"{desc}, batch {i}")
+            moments.update(x, slots_fn(labels, x))
+
+    def _batch(self, batch, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x, labels = split_batch(batch, where)
+        x = self._checker.images(x, where)
+        return x, check_labels(labels, x.shape[0], self.num_classes, where)
 
     def _slots_of(self, labels: torch.Tensor, chunk: list[int]) -> torch.Tensor:
         """Map labels to accumulator slots of ``chunk`` (-1 = not in this chunk)."""
@@ -109,112 +152,10 @@ class SignalEstimator:
             return torch.zeros_like(labels)
         return slots_of(labels, chunk, self.num_classes)
 
-    def _run(self, moments: Moments, batches: Batches, slots_fn, desc: str) -> None:
-        """Accumulate this rank's shard of ``batches``, each batch validated; under torch.distributed, sum all ranks'."""
-        shard = distributed.shard_batches(batches_of(batches, f"the loader ({desc})"))
-        bar = tqdm(shard, desc=desc, disable=not (self.progress and distributed.is_main()), leave=False)
-        for i, batch in enumerate(bar):
-            where = f"{desc}, batch {i}"
-            x, labels = split_batch(batch, where)
-            x = self._checker.images(x, where)
-            labels = check_labels(labels, x.shape[0], self.num_classes, where)
-            moments.update(x, slots_fn(labels, x))
-        distributed.all_reduce_moments(moments)
-
-    def fit(self, loader: Batches) -> dict[int, SignalStore]:
-        """Estimate from one loader of ``(images, labels)``: one pass per chunk of classes."""
-        stores: dict[int, SignalStore] = {}
-        chunks = self._chunks()
-        for i, chunk in enumerate(chunks):
-            moments = Moments(self.program, len(chunk))
-            desc = "estimating signals" + (f" (chunk {i + 1}/{len(chunks)})" if len(chunks) > 1 else "")
-            self._run(moments, loader, lambda labels, x: self._slots_of(labels, chunk), desc)
-            stores.update(self._stores(moments, chunk))
-        return stores
-
-    def fit_per_class(self, loader_fn: Callable[[int], Batches]) -> dict[int, SignalStore]:
-        """Estimate each class from its own loader ``loader_fn(c)`` (the tutorial's style)."""
-        stores: dict[int, SignalStore] = {}
-        for c in tqdm(self.classes, desc="classes", disable=not self.progress or len(self.classes) == 1):
-            moments = Moments(self.program, 1)
-            self._run(moments, loader_fn(c), lambda labels, x: x.new_zeros(x.shape[0], dtype=torch.long),
-                      f"class {c}")
-            stores.update(self._stores(moments, [c]))
-        return stores
-
-    def fit_to_files(self, prefix: "os.PathLike[str] | str", loader_fn: Callable[[int], Batches],
-                     overwrite: bool = False, lock_timeout: Optional[float] = None) -> dict[int, Path]:
-        """Estimate class by class, writing each store as soon as it is done.
-
-        Classes whose store already exists and matches this model are skipped
-        unless ``overwrite`` (so an interrupted run resumes where it stopped).
-        Each class is estimated under a lock file: processes sharing a prefix
-        split the classes between them, and a class another process is working
-        on is waited for (up to ``lock_timeout`` s) instead of estimated twice.
-        Under torch.distributed the ranks go through the classes in lockstep
-        (no locks); rank 0 decides what is current and writes, the others wait.
-        """
-        fingerprint = model_fingerprint(self.model)
-        fresh_since = time.time_ns() if overwrite else None  # with overwrite, only files written from now count
-        written: dict[int, Path] = {}
-        busy = []
-        for c in tqdm(self.classes, desc="classes", disable=not self.progress):
-            path = class_store_path(prefix, c)
-            if distributed.main_decides(self._is_current, path, fingerprint, c, fresh_since):
-                written[c] = path
-                continue
-            lock = ClassLock.try_acquire(path, enabled=distributed.current() is None)
-            if lock is None:
-                busy.append(c)  # another process is estimating it: come back at the end
-                continue
-            with lock:
-                self._class_to_file(c, path, loader_fn, fingerprint, fresh_since, written)
-        for c in busy:
-            path = class_store_path(prefix, c)
-            with ClassLock.acquire(path, lock_timeout):
-                self._class_to_file(c, path, loader_fn, fingerprint, fresh_since, written)
-        distributed.barrier()
-        return written
-
-    def _class_to_file(self, c: int, path: Path, loader_fn: Callable[[int], Batches], fingerprint: str,
-                       fresh_since: Optional[int], written: dict[int, Path]) -> None:
-        """Estimate class ``c`` into ``path`` unless (under the lock) another process just did."""
-        if distributed.main_decides(self._is_current, path, fingerprint, c, fresh_since):
-            written[c] = path
-            return
-        if distributed.is_main():
-            reason = self._not_current(path, fingerprint, c, fresh_since)
-            if fresh_since is None and path.exists():
-                warnings.warn(f"replacing {path}: {reason}", UserWarning, stacklevel=3)
-            remove_orphan_temps(path)
-        one = copy.copy(self)
-        one.classes = [c]
-        stores = one.fit_per_class(loader_fn)
-        if c not in stores:
-            return
-        if distributed.is_main():
-            stores[c].save(path)
-        written[c] = path
-
-    def _is_current(self, path: Path, fingerprint: str, class_id: int, fresh_since: Optional[int]) -> bool:
-        return self._not_current(path, fingerprint, class_id, fresh_since) is None
-
-    def _not_current(self, path: Path, fingerprint: str, class_id: int, fresh_since: Optional[int]) -> Optional[str]:
-        """Why ``path`` is not a valid store of ``class_id`` for this model (written after ``fresh_since``), or None."""
-        try:
-            if fresh_since is not None and path.stat().st_mtime_ns < fresh_since:
-                return "overwrite=True"
-            SignalStore.load(path, expected_class=class_id).check_matches(self.program, fingerprint)
-        except (OSError, StoreError) as exc:
-            return str(exc)
-        return None
-
-    def _stores(self, moments: Moments, chunk: list[int]) -> dict[int, SignalStore]:
-        """Turn accumulated moments into one store per class that saw at least one sample."""
-        fingerprint = model_fingerprint(self.model)
-        signature = layer_signature(self.program)
-        out: dict[int, SignalStore] = {}
+    def _stores(self, moments: Moments, chunk: list[int]) -> Iterator[tuple[int, SignalStore]]:
+        """One store per class of ``chunk`` that saw at least one sample (empty ones are warned about)."""
         warn_empty([c for slot, c in enumerate(chunk) if int(moments.images[slot]) == 0])
+        signature = layer_signature(self.program)
         options = {"mean_y": self.mean_y, "per_class": self.per_class, "store_dtype": str(self.store_dtype)[6:]}
         for slot, class_id in enumerate(chunk):
             images = int(moments.images[slot])
@@ -224,9 +165,103 @@ class SignalEstimator:
             for name, lm in moments.layers.items():
                 p = compute_patterns(lm, slot, self.mean_y)
                 patterns[name] = {k: (v.to(self.store_dtype) if k.startswith("a_") else v) for k, v in p.items()}
-            out[class_id] = SignalStore(class_id, patterns, signature, fingerprint, images, options,
+            yield class_id, SignalStore(class_id, patterns, signature, self.fingerprint, images, options,
                                         input_shape=self._checker.expected)
-        return out
+
+    def iter_fit(self, loader: Batches, labels: Optional[Sequence[int]] = None,
+                 classes: Optional[Sequence[int]] = None) -> Iterator[tuple[int, SignalStore]]:
+        """Estimate from one loader of ``(images, labels)``, yielding ``(class, store)`` as each class is done.
+
+        Class by class in one pass when the data set knows its labels (or ``labels`` gives them);
+        otherwise one pass per chunk of classes. Under torch.distributed each process yields the
+        classes it computes (a share of them: :func:`distributed.class_share`).
+        """
+        classes = self.classes if classes is None else list(classes)
+        known = dataset_labels(loader, labels) if self.per_class else None
+        if known is not None:
+            yield from self._by_class(loader, known, distributed.class_share(classes))
+            return
+        chunks = chunk_classes(classes, accumulator_bytes(self.program), self.memory_budget) if self.per_class \
+            else [[ALL_CLASSES]]
+        if len(chunks) > 1:
+            if iter(loader) is loader:
+                raise ValueError(
+                    f"estimating {len(classes)} classes needs {len(chunks)} passes over the data (the accumulators "
+                    f"of {len(chunks[0])} classes fit the memory budget), but the loader is a one-shot iterator; "
+                    "pass a DataLoader whose data set has `targets` (one pass, class by class), or labels=..., or a "
+                    "re-iterable loader, or a larger memory_budget")
+            warnings.warn(f"the loader's data set does not expose its labels, so estimating {len(classes)} classes "
+                          f"reads it {len(chunks)} times (one pass per chunk of {len(chunks[0])} classes); pass "
+                          "labels=... (or a data set with `targets`) for one pass", MultiPassWarning, stacklevel=3)
+        for i, chunk in enumerate(chunks):
+            moments = Moments(self.program, len(chunk))
+            desc = "estimating signals" + (f" (pass {i + 1}/{len(chunks)})" if len(chunks) > 1 else "")
+            self._accumulate(moments, loader, lambda lab, x: self._slots_of(lab, chunk), desc)
+            self._reduce(moments)
+            share = set(distributed.class_share(chunk))
+            yield from ((c, s) for c, s in self._stores(moments, chunk) if c in share)
+            del moments
+
+    def _by_class(self, loader, labels: torch.Tensor, classes: list[int]) -> Iterator[tuple[int, SignalStore]]:
+        """One pass over ``classes``' samples, class after class; one class of accumulators at a time."""
+        warn_empty([c for c in classes if not bool((labels == c).any())])
+        per_class, schedule = class_loader(loader, labels, classes)
+        bar = tqdm(per_class, desc="estimating signals (class by class)", disable=not self.progress, leave=False)
+        current, moments = None, None
+        for i, (batch, c) in enumerate(zip(bar, schedule)):
+            x, got = self._batch(batch, f"class {c}, batch {i}")
+            if bool((got != c).any()):
+                raise ValueError(f"class {c}, batch {i}: the batch has labels {sorted(set(got.tolist()))[:5]} but the "
+                                 f"data set's labels say class {c}; the labels must list each sample's class in "
+                                 "the data set's index order")
+            if c != current:
+                if moments is not None:
+                    yield from self._stores(moments, [current])
+                moments = None  # free the finished class before allocating the next
+                current, moments = c, Moments(self.program, 1)
+            moments.update(x, torch.zeros(x.shape[0], dtype=torch.long, device=self.device))
+        if moments is not None:
+            yield from self._stores(moments, [current])
+
+    def fit(self, loader: Batches, labels: Optional[Sequence[int]] = None) -> dict[int, SignalStore]:
+        """Estimate from one loader of ``(images, labels)``: ``{class: store}`` (see :meth:`iter_fit`)."""
+        return dict(self.iter_fit(loader, labels))
+
+    def iter_fit_per_class(self, loader_fn: Callable[[int], Batches],
+                           classes: Optional[Sequence[int]] = None) -> Iterator[tuple[int, SignalStore]]:
+        """Estimate each class from its own loader ``loader_fn(c)``; under torch.distributed each
+        process estimates its share of the classes alone (whole loaders, no collectives)."""
+        classes = self.classes if classes is None else list(classes)
+        mine = distributed.class_share(classes)
+        for c in tqdm(mine, desc="classes", disable=not self.progress or len(mine) == 1):
+            moments = Moments(self.program, 1)
+            batches = loader_fn(c)
+            distributed.check_whole(batches, c)
+            self._accumulate(moments, batches, lambda lab, x: x.new_zeros(x.shape[0], dtype=torch.long),
+                             f"class {c}", shard=False)
+            yield from self._stores(moments, [c])
+            del moments
+
+    def fit_per_class(self, loader_fn: Callable[[int], Batches]) -> dict[int, SignalStore]:
+        """Estimate each class from its own loader ``loader_fn(c)`` (the tutorial's style)."""
+        return dict(self.iter_fit_per_class(loader_fn))
+
+    def fit_to_files(self, prefix: "os.PathLike[str] | str", source: "Callable[[int], Batches] | Batches",
+                     overwrite: bool = False, lock_timeout: Optional[float] = None,
+                     labels: Optional[Sequence[int]] = None) -> dict[int, Path]:
+        """Estimate and write ``{prefix}_class_{c}.pkl`` for every class, each as soon as it is done.
+
+        ``source``: per-class loaders ``loader_fn(c)`` (the tutorial's style) or one loader of a
+        labelled data set (one pass, class by class). Resume, locks and who writes: :mod:`untangle_ext.files`.
+        """
+        if callable(source) and not hasattr(source, "__iter__"):
+            return write_class_stores(self, prefix, lambda cs: self.iter_fit_per_class(source, cs), overwrite,
+                                      lock_timeout)
+        if dataset_labels(source, labels) is None:
+            raise ValueError("fit_to_files needs per-class loaders (a function of the class) or a DataLoader "
+                             "whose data set knows its labels (`targets`, a 2-tensor TensorDataset, or labels=)")
+        return write_class_stores(self, prefix, lambda cs: self.iter_fit(source, labels, cs), overwrite,
+                                  lock_timeout, group=LOCKS_PER_PASS)
 
 
 def estimate(

@@ -99,6 +99,42 @@ class LayerMoments:
         s = self.patch_shift().repeat_interleave(k // g, dim=0)
         self.out_offset = (w * s).sum(1) + self.layer.bias.double()
 
+    def reshift(self, shift: torch.Tensor) -> None:
+        """Re-express the sums about ``shift`` instead of ``self.shift``, exactly, in place.
+
+        With ``d = s_old - s_new`` (patch space) and ``e = W d``, the shifted data move by
+        constants: ``x~' = x~ + d``, ``y~' = y~ + e`` (gates are unchanged: they come from the
+        layer's output). Hence, with ``n`` samples and ``n+`` open gates::
+
+            Σx~'    = Σx~ + n d                      Σy~'  = Σy~ + n e
+            Σy~'x~' = Σy~x~ + e Σx~ + d Σy~ + n e d
+            and the gated sums likewise with Σg x~, Σg y~ and n+ in place of Σx~, Σy~ and n.
+        """
+        if self.shift is None:  # nothing accumulated yet: all-zero sums are valid about any shift
+            self.set_shift(shift)
+            return
+        old = self.patch_shift()
+        self.set_shift(shift)
+        d = old - self.patch_shift()  # (G, Dg)
+        g, k = self.groups, self.layer.out_features
+        kg = k // g
+        e = (self.layer.weight.double().reshape(g, kg, -1) @ d.unsqueeze(2)).squeeze(2)  # (G, Kg)
+        slots = self.count.shape[0]
+        e4, d4, n4 = e.view(1, g, kg, 1), d.view(1, g, 1, -1), self.count.view(slots, 1, 1, 1)
+        sy4, gy4, npos4 = (self.field(f).view(slots, g, kg, 1) for f in ("sum_y", "pos_sum_y", "pos_n"))
+        sxy, sgx, sgxy, sx = (self.block(b) for b in ("sum_yx", "pos_sum_x", "pos_sum_yx", "sum_x"))
+        sxy += e4 * sx + d4 * sy4 + n4 * e4 * d4  # old Σx~, Σy~ (updated below)
+        sgxy += e4 * sgx + d4 * gy4 + npos4 * e4 * d4  # old Σg x~, Σg y~
+        sgx += npos4 * d4
+        sx += n4 * d4
+        ev, n2, npos = e.view(1, k), self.count.view(slots, 1), self.field("pos_n")
+        self.field("sum_y").add_(n2 * ev)
+        self.field("pos_sum_y").add_(npos * ev)
+
+    def sums(self) -> tuple[torch.Tensor, ...]:
+        """The accumulators that add up across data shards once all are about one shift."""
+        return self.mat, self.vec
+
     def accumulate(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Add the batch ``x`` (images assigned to ``slots``; -1 = skip) and return the layer output."""
         if self.shift is None:
@@ -155,6 +191,21 @@ class Moments:
         self.num_slots = num_slots
         self.layers = {layer.name: _new_layer_moments(layer, num_slots) for layer in program.layers}
         self.images = torch.zeros(num_slots, dtype=torch.long)  # images seen per slot
+
+    def shifts(self) -> Optional[list[torch.Tensor]]:
+        """Every layer's shift (None before any batch)."""
+        first = next(iter(self.layers.values()))
+        return None if first.shift is None else [lm.shift for lm in self.layers.values()]
+
+    @torch.no_grad()
+    def reshift(self, shifts: list[torch.Tensor]) -> None:
+        """Re-express every layer's sums about ``shifts`` (one per layer, in order), exactly."""
+        for lm, shift in zip(self.layers.values(), shifts):
+            lm.reshift(shift)
+
+    def sums(self) -> list[torch.Tensor]:
+        """Every accumulator that adds up across data shards (about one shift), image counts excluded."""
+        return [t for lm in self.layers.values() for t in lm.sums()]
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,27 @@
 """Signal stores: one file per class with plain tensors and metadata (SPEC §4).
 
-A store file is a ``torch.save`` zip archive of a dict of strings, numbers,
-lists and dense CPU tensors. Loading never executes code: the archive is
-checked first (uncompressed entries, valid CRCs, size cap), unpickled with
-``weights_only=True``, and then every field is checked against the schema
-below, so a corrupt or hostile file ends in a :class:`StoreError` subclass and
-never reaches later code. Files are written atomically (a hidden temp file in
-the same directory, fsync of the file and of the directory, rename).
+Format v2 (written): a safetensors file (whatever its extension: the tutorial's
+``{prefix}_class_{c}.pkl`` names stay, the content is told by its first bytes).
+Its string metadata holds the format name, version and a JSON header (class,
+estimator options, fingerprint, layers, ...); its tensors are ``{layer index}/{key}``.
+By default only ``a_pos`` (what attribution uses) is kept, in float16 with one
+power-of-two exponent per output neuron (``{i}/{key}/exp``, int16), so no value
+overflows or underflows the half format. safetensors files are memory-mapped
+and read tensor by tensor; their parser runs no code.
+
+Format v1 (read only): a ``torch.save`` zip archive of a dict. The archive is
+checked first (uncompressed entries, valid CRCs, size cap) and unpickled with
+``weights_only=True``.
+
+Either way every field is then checked against one schema, so a corrupt or
+hostile file ends in a :class:`StoreError` subclass and never reaches later
+code. Files are written atomically (a hidden temp file in the same directory,
+fsync of the file and of the directory, rename).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -18,10 +29,12 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 
 from ._io import atomic_write
 from ._version import __version__
@@ -29,10 +42,18 @@ from .layers import AFFINE_KINDS
 from .trace import Program
 
 FORMAT = "untangle_ext.signal_store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 ALL_CLASSES = -1  # class id of a store estimated from every class together
 PATTERN_KEYS = ("a_lin", "a_pos", "a_neg")
 COUNT_KEYS = ("n_pos", "n")
+#: What a written store keeps by default: the pattern attribution uses (``estimator="positive"``).
+DEFAULT_KEEP = ("a_pos",)
+#: The dtype patterns are written in by default (per-neuron power-of-two scaled; map error in README).
+DEFAULT_FILE_DTYPE = torch.float16
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+_ZIP_MAGIC = b"PK\x03\x04"
+_MAX_HEADER_CHARS = 1 << 20
 #: Files above this size are refused unless ``max_bytes`` is raised (VGG-16 stores are ~1.6 GB).
 DEFAULT_MAX_BYTES = 8 << 30
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -85,6 +106,13 @@ class StoreClassMismatchError(StoreError):
     """The store holds another class than the one its file name (or mapping key) says."""
 
 
+class StoreKeyError(StoreError, KeyError):
+    """The store was written without a pattern the caller needs (e.g. ``a_lin`` under the default keep)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 over the names, shapes, dtypes and values of the model's state_dict."""
     h = hashlib.sha256()
@@ -117,9 +145,10 @@ class SignalStore:
     path: Optional[Path] = field(default=None, compare=False)  # where it was loaded from / saved to
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as plain data and CPU tensors (the v1 file's content; v2 files hold the same fields)."""
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": 1,
             "library_version": self.library_version,
             "class_id": self.class_id,
             "estimator": dict(self.estimator),
@@ -136,40 +165,79 @@ class SignalStore:
         """How messages name this store: its file, or 'the in-memory store of class c'."""
         return str(self.path) if self.path is not None else f"the in-memory signal store of class {self.class_id}"
 
-    def save(self, path: PathLike, overwrite: bool = True) -> Path:
-        """Validate, then write atomically: nothing half-written is ever visible at ``path``."""
+    def encoded(self, dtype: torch.dtype = DEFAULT_FILE_DTYPE, keep: Sequence[str] = DEFAULT_KEEP) -> "SignalStore":
+        """This store as a file written with ``dtype`` and ``keep`` reads back (patterns rounded, others dropped)."""
+        keep = _check_keep(keep)
+        missing = [k for k in keep if any(k not in p for p in self.patterns.values())]
+        if missing:
+            raise KeyError(f"{self.source} has no {missing} patterns to keep (it holds "
+                           f"{sorted(next(iter(self.patterns.values())))})")
+        patterns = {n: {k: (_decode(*_encode(v, dtype)) if k in PATTERN_KEYS else v)
+                        for k, v in p.items() if k in keep or k not in PATTERN_KEYS}
+                    for n, p in self.patterns.items()}
+        estimator = {**self.estimator, "store_dtype": str(dtype)[6:]}
+        return SignalStore(self.class_id, patterns, self.layers, self.fingerprint, self.num_samples, estimator,
+                           self.library_version, self.input_shape)
+
+    def save(self, path: PathLike, overwrite: bool = True, dtype: torch.dtype = DEFAULT_FILE_DTYPE,
+             keep: Sequence[str] = DEFAULT_KEEP) -> Path:
+        """Validate, then write a v2 file atomically: nothing half-written is ever visible at ``path``.
+
+        ``keep``: the patterns to write (default only ``a_pos``; ``PATTERN_KEYS`` keeps all three);
+        ``dtype``: their storage dtype (float16/bfloat16 with per-neuron power-of-two exponents, or
+        float32/float64 as they are). ``self.encoded(dtype, keep)`` is exactly what loading gives back.
+        """
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        if dtype not in STORE_DTYPES.values():
+            raise ValueError(f"dtype must be one of {sorted(STORE_DTYPES)}, not {dtype}")
+        keep = _check_keep(keep)
         data = self.to_dict()
+        data["format_version"] = FORMAT_VERSION
+        data["estimator"]["store_dtype"] = str(dtype)[6:]
+        data["patterns"] = {n: {k: v for k, v in p.items() if k in keep or k not in PATTERN_KEYS}
+                            for n, p in data["patterns"].items()}
         _validate(data, f"the store to be written to {path}")
-        atomic_torch_save(data, path)
+        atomic_write(path, lambda f: _write_v2(f, data, dtype))
         self.path = path
         return path
 
     @classmethod
     def load(cls, path: PathLike, map_location: Any = "cpu", expected_class: Optional[int] = None,
-             max_bytes: Optional[int] = DEFAULT_MAX_BYTES) -> "SignalStore":
-        """Load and validate without executing code.
+             max_bytes: Optional[int] = DEFAULT_MAX_BYTES, keys: Optional[Sequence[str]] = None) -> "SignalStore":
+        """Load and validate without executing code (v2 safetensors or v1 torch archives).
 
-        Raises a :class:`StoreError` subclass for anything but a valid store:
+        ``keys``: the patterns to read (default: all the file holds); a v2 file reads only
+        those from disk. Raises a :class:`StoreError` subclass for anything but a valid store:
         :class:`StoreMissingError`, :class:`StoreTooLargeError`, :class:`StoreCorruptError`
         (:class:`StoreUnsafeError` for pickle payloads), :class:`StoreVersionError`, and
         :class:`StoreClassMismatchError` when ``expected_class`` is given and differs.
         """
         path = Path(path)
-        data = _read(path, max_bytes)
-        _check_format(data, path)
+        wanted = None if keys is None else _check_keep(keys)
+        data = _read(path, max_bytes, wanted)
         _validate(data, str(path))
+        patterns = {n: {k: v.to(map_location) for k, v in p.items() if wanted is None or k in wanted
+                        or k not in PATTERN_KEYS} for n, p in data["patterns"].items()}
         store = cls(
             class_id=data["class_id"], layers=data["layers"], fingerprint=data["fingerprint"],
             num_samples=data["num_samples"], estimator=data["estimator"], library_version=data["library_version"],
-            input_shape=data["input_shape"], path=path,
-            patterns={n: {k: v.to(map_location) for k, v in p.items()} for n, p in data["patterns"].items()},
-        )
+            input_shape=data["input_shape"], path=path, patterns=patterns)
+        if wanted is not None:
+            store.check_keys(wanted)
         if expected_class is not None:
             store.check_class(expected_class)
         return store
+
+    def check_keys(self, keys: Sequence[str]) -> None:
+        """Raise :class:`StoreKeyError` unless every layer holds the patterns ``keys``."""
+        held = set.intersection(*(set(p) for p in self.patterns.values()))
+        missing = [k for k in keys if k not in held]
+        if missing:
+            raise StoreKeyError(
+                f"{self.source} holds no {missing} patterns (written with keep={sorted(held & set(PATTERN_KEYS))}); "
+                f"use estimator='positive' (a_pos), or estimate again and save with keep={tuple(PATTERN_KEYS)}")
 
     def check_class(self, expected_class: int) -> None:
         """Raise :class:`StoreClassMismatchError` unless this store holds ``expected_class``."""
@@ -208,8 +276,8 @@ def _first_difference(have: list[dict[str, Any]], want: list[dict[str, Any]]) ->
 # Reading: archive checks, then a weights-only unpickle
 
 
-def _read(path: Path, max_bytes: Optional[int]) -> Any:
-    """The unpickled content of ``path`` after the archive-level checks."""
+def _read(path: Path, max_bytes: Optional[int], keys: Optional[tuple[str, ...]] = None) -> Any:
+    """The store dict of ``path`` (v1 or v2, told by the first bytes) after the file-level checks."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -220,6 +288,20 @@ def _read(path: Path, max_bytes: Optional[int]) -> Any:
     if max_bytes is not None and size > max_bytes:
         raise StoreTooLargeError(f"{path} is {size} bytes, above the cap max_bytes={max_bytes}; if you trust the "
                                  "file and its size is expected, load it with a larger max_bytes (or None)")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == _ZIP_MAGIC:
+        data = _read_v1(path, size)
+        _check_format(data, path, 1)
+        return data
+    if len(head) == 9 and head[8:9] == b"{":
+        return _read_v2(path, keys)
+    raise StoreCorruptError(f"{path} is not a readable signal store (neither a safetensors file nor a torch "
+                            f"archive: truncated, overwritten or not a store); {_REDO}")
+
+
+def _read_v1(path: Path, size: int) -> Any:
+    """The unpickled content of a v1 (torch zip) store after the archive-level checks."""
     _check_archive(path, size)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -232,6 +314,128 @@ def _read(path: Path, max_bytes: Optional[int]) -> Any:
         raise _corrupt(path, exc) from None
     except Exception as exc:  # torch/miniz raise many kinds of errors on damaged archives
         raise _corrupt(path, exc) from None
+
+
+_TENSOR_NAME = re.compile(r"(\d{1,6})/([a-z_]{1,16})(/exp)?")
+
+
+def _read_v2(path: Path, keys: Optional[tuple[str, ...]]) -> dict[str, Any]:
+    """A v2 (safetensors) store as the same dict a v1 file holds; only the pattern ``keys`` are read."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            names = list(f.keys())
+            if meta.get("format") != FORMAT:
+                raise StoreCorruptError(f"{path} is a safetensors file but not an untangle_ext signal store; pass "
+                                        "the path of a store written by SignalStore.save / fit_to_files")
+            header = meta.get("header")
+            if type(header) is not str or len(header) > _MAX_HEADER_CHARS:
+                raise StoreCorruptError(f"{path}: the store header is missing or too long; {_REDO}")
+            data = _json_or_none(header)
+            writer = data.get("library_version") if type(data) is dict else None
+            _check_format({"format": FORMAT, "format_version": _int_or_text(meta.get("format_version")),
+                           "library_version": writer}, path, 2)
+            if type(data) is not dict:
+                raise StoreCorruptError(f"{path}: the store header is not a JSON object; {_REDO}")
+            held = {m.group(2) for m in map(_TENSOR_NAME.fullmatch, names) if m and m.group(2) in PATTERN_KEYS}
+            if keys is not None and not set(keys) <= held:
+                raise StoreKeyError(f"{path} holds no {sorted(set(keys) - held)} patterns (written with keep="
+                                    f"{sorted(held)}); use estimator='positive' (a_pos), or estimate again and "
+                                    f"save with keep={tuple(PATTERN_KEYS)}")
+            wanted = [n for n in names if _wanted(n, keys)]
+            tensors = {n: f.get_tensor(n) for n in wanted}
+    except StoreError:
+        raise
+    except Exception as exc:  # safetensors, json (RecursionError on deep nesting), OS errors
+        raise _corrupt(path, exc) from None
+    data.update(format=FORMAT, format_version=FORMAT_VERSION, patterns=_assemble(tensors, data, str(path)))
+    return data
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _int_or_text(v: Any) -> Any:
+    return int(v) if type(v) is str and v.isdigit() and len(v) < 10 else v
+
+
+def _wanted(name: str, keys: Optional[tuple[str, ...]]) -> bool:
+    m = _TENSOR_NAME.fullmatch(name)
+    return keys is None or m is None or m.group(2) in keys or m.group(2) not in PATTERN_KEYS
+
+
+def _assemble(tensors: dict[str, torch.Tensor], header: dict[str, Any], source: str) -> dict[str, dict]:
+    """Per-layer tensor dicts from ``{i}/{key}[/exp]`` names, half patterns decoded with their exponents."""
+    chk = _Checker(source)
+    layers = header.get("layers")
+    if type(layers) is not list or any(type(l) is not dict or type(l.get("name")) is not str for l in layers):
+        raise chk.fail("layers", "must be a list of layers with names")
+    out: dict[str, dict[str, Any]] = {l["name"]: {} for l in layers}
+    exps = {}
+    for name, t in tensors.items():
+        m = _TENSOR_NAME.fullmatch(name)
+        if m is None or int(m.group(1)) >= len(layers):
+            raise chk.fail(f"tensor {name[:40]!r}", "is not a pattern of a listed layer")
+        target = exps if m.group(3) else out[layers[int(m.group(1))]["name"]]
+        target[(int(m.group(1)), m.group(2)) if m.group(3) else m.group(2)] = t
+    for (i, key), e in exps.items():
+        p = out[layers[i]["name"]]
+        q = p.get(key)
+        if q is None or q.dtype not in HALF_DTYPES or e.dtype != torch.int16 or list(e.shape) != list(q.shape[:1]):
+            raise chk.fail(f"{i}/{key}/exp", "must be the int16 per-neuron exponents of a half-precision pattern")
+        p[key] = _decode(q, e)
+    for i, l in enumerate(layers):
+        for key, q in out[l["name"]].items():
+            if q.dtype in HALF_DTYPES and (i, key) not in exps:
+                raise chk.fail(f"{i}/{key}", "is half precision without its exponents")
+    return out
+
+
+def _encode(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``t`` in ``dtype``; half dtypes as (values scaled into [-1, 1] per neuron, int16 power-of-two exponents)."""
+    if dtype not in HALF_DTYPES:
+        return t.to(dtype), None
+    rows = t.detach().double().reshape(t.shape[0], -1)
+    exp = torch.frexp(rows.abs().amax(1)).exponent.to(torch.int16)
+    scaled = torch.ldexp(rows, -exp.view(-1, 1).double())
+    return scaled.to(dtype).reshape(t.shape).contiguous(), exp
+
+
+def _decode(q: torch.Tensor, exp: Optional[torch.Tensor]) -> torch.Tensor:
+    """The float32 pattern of an encoded half tensor (exact: a power-of-two scaling); others as they are."""
+    if exp is None:
+        return q
+    return torch.ldexp(q.float(), exp.view(-1, *([1] * (q.dim() - 1))).float())
+
+
+def v2_bytes(data: dict[str, Any], dtype: torch.dtype) -> bytes:
+    """The safetensors bytes of a store dict (patterns encoded in ``dtype``); no validation: callers validate."""
+    names = [l["name"] for l in data["layers"]]
+    tensors = {}
+    for i, name in enumerate(names):
+        for key, t in data["patterns"][name].items():
+            q, exp = _encode(t, dtype) if key in PATTERN_KEYS else (t, None)
+            tensors[f"{i}/{key}"] = q.contiguous()
+            if exp is not None:
+                tensors[f"{i}/{key}/exp"] = exp
+    header = {k: v for k, v in data.items() if k not in ("format", "format_version", "patterns")}
+    meta = {"format": FORMAT, "format_version": str(data["format_version"]), "header": json.dumps(header)}
+    return safetensors_bytes(tensors, metadata=meta)
+
+
+def _write_v2(f: Any, data: dict[str, Any], dtype: torch.dtype) -> None:
+    f.write(v2_bytes(data, dtype))
+
+
+def _check_keep(keep: Sequence[str]) -> tuple[str, ...]:
+    keep = (keep,) if isinstance(keep, str) else tuple(keep)
+    if not keep or any(k not in PATTERN_KEYS for k in keep):
+        raise ValueError(f"keep must be a non-empty subset of {PATTERN_KEYS}, not {keep!r}")
+    return keep
 
 
 def _check_archive(path: Path, size: int) -> None:
@@ -330,29 +534,30 @@ class _Checker:
         return v.detach()
 
 
-def _check_format(data: Any, path: Path) -> None:
-    """The file is one of ours, in a version this library reads."""
+def _check_format(data: Any, path: Path, container: int) -> None:
+    """The file is one of ours, in a version this library reads from this container (v1 zip, v2 safetensors)."""
     if type(data) is not dict or data.get("format") != FORMAT:
         raise StoreCorruptError(f"{path} is a torch file but not an untangle_ext signal store; pass the path of a "
                                 "store written by SignalStore.save / fit_to_files, or estimate the signals")
     version = data.get("format_version")
     if type(version) is not int:
         raise StoreCorruptError(f"{path}: field format_version must be an int, not {_describe(version)}; {_REDO}")
-    if version != FORMAT_VERSION:
+    if version > FORMAT_VERSION:
         writer = data.get("library_version")
         writer = writer[:40] if type(writer) is str else "an unknown version"
-        fix = ("upgrade untangle_ext to read it, or estimate the signals again with this version"
-               if version > FORMAT_VERSION else "estimate the signals again with this version")
         raise StoreVersionError(f"{path} uses store format version {version} (written by untangle_ext {writer}); "
-                                f"this untangle_ext {__version__} reads version {FORMAT_VERSION}: {fix}")
+                                f"this untangle_ext {__version__} reads versions {READ_VERSIONS}: upgrade "
+                                "untangle_ext to read it, or estimate the signals again with this version")
+    if version != container:
+        raise StoreCorruptError(f"{path}: format version {version} in a version-{container} container; {_REDO}")
 
 
 def _validate(data: Any, source: str) -> None:
     """Check every field of a store dict; ``data`` may come from an untrusted file."""
     chk = _Checker(source)
     chk.keys(data, "<top level>", _TOP_KEYS)
-    if data["format"] != FORMAT or data["format_version"] != FORMAT_VERSION:
-        raise chk.fail("format/format_version", f"must be {FORMAT!r} version {FORMAT_VERSION}")
+    if data["format"] != FORMAT or data["format_version"] not in READ_VERSIONS:
+        raise chk.fail("format/format_version", f"must be {FORMAT!r} version {READ_VERSIONS}")
     chk.str_(data["library_version"], "library_version", 64)
     fingerprint = chk.str_(data["fingerprint"], "fingerprint", 64)
     if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
@@ -394,12 +599,21 @@ def _validate_layers(chk: _Checker, layers: Any) -> list[dict[str, Any]]:
 
 
 def _validate_patterns(chk: _Checker, patterns: Any, layers: list[dict[str, Any]]) -> None:
+    """Per layer: the counts, and a non-empty subset of :data:`PATTERN_KEYS` shaped like the weight."""
     chk.keys(patterns, "patterns", [l["name"] for l in layers])
+    held = None
     for layer in layers:
         name, shape = layer["name"], layer["weight_shape"]
         where = f"patterns[{name[:40]!r}]"
-        p = chk.keys(patterns[name], where, PATTERN_KEYS + COUNT_KEYS)
-        for key in PATTERN_KEYS:
+        p = patterns[name]
+        if type(p) is not dict:
+            raise chk.fail(where, f"must be a dict, not {_describe(p)}")
+        keys = frozenset(k for k in p if k in PATTERN_KEYS)
+        if not keys or held not in (None, keys):
+            raise chk.fail(where, f"must hold the same non-empty subset of {list(PATTERN_KEYS)} in every layer")
+        held = keys
+        chk.keys(p, where, keys | set(COUNT_KEYS))
+        for key in keys:
             p[key] = chk.tensor(p[key], f"{where}.{key}", shape, STORE_DTYPES.values())
         n_pos = chk.tensor(p["n_pos"], f"{where}.n_pos", shape[:1], (torch.float64,))
         n = chk.tensor(p["n"], f"{where}.n", [], (torch.float64,))
