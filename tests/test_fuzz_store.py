@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import io
+import json
+import struct
 import signal
 from collections import Counter
 from contextlib import contextmanager
@@ -23,6 +25,9 @@ from hypothesis import strategies as st
 
 from _hardening import mixed_batches, tiny_model
 from untangle_ext import Attributor, SignalEstimator
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
 from untangle_ext.store import SignalStore, StoreError, model_fingerprint
 
 CASE_SECONDS = 20  # generous: the machine may be loaded; a real hang never ends
@@ -54,10 +59,12 @@ def env(tmp_path_factory):
     store = SignalEstimator(model, progress=False).fit(mixed_batches())[0]
     buf = io.BytesIO()
     torch.save(store.to_dict(), buf)
+    out = tmp_path_factory.mktemp("fuzz")
+    v2 = store.save(out / "valid_class_0.pkl").read_bytes()
     return {"model": model, "attributor_program": SignalEstimator(model, progress=False).program,
-            "fingerprint": model_fingerprint(model), "valid": buf.getvalue(),
+            "fingerprint": model_fingerprint(model), "valid": buf.getvalue(), "valid_v2": v2,
             "dict": lambda: copy.deepcopy(store.to_dict()),
-            "x": mixed_batches()[0][0], "dir": tmp_path_factory.mktemp("fuzz")}
+            "x": mixed_batches()[0][0], "dir": out}
 
 
 def outcome(env, data: bytes) -> str:
@@ -99,7 +106,8 @@ def run(env, strategy, examples: int) -> Counter:
 
 
 def test_random_bytes(env):
-    seen = run(env, st.one_of(st.binary(max_size=4096), st.binary(max_size=2048).map(lambda b: b"PK\x03\x04" + b)),
+    seen = run(env, st.one_of(st.binary(max_size=4096), st.binary(max_size=2048).map(lambda b: b"PK\x03\x04" + b),
+                              st.binary(max_size=2048).map(lambda b: struct.pack("<Q", len(b) + 1) + b"{" + b)),
                150)
     assert set(seen) <= {"StoreCorruptError"}
 
@@ -127,6 +135,11 @@ def damaged(draw, valid: bytes) -> bytes:
 
 def test_damaged_store_files(env):
     run(env, damaged(env["valid"]), 200)
+
+
+def test_damaged_v2_store_files(env):
+    seen = run(env, damaged(env["valid_v2"]), 200)
+    assert sum(n for k, n in seen.items() if not k.startswith("loaded")) >= 100
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -236,3 +249,72 @@ def test_top_level_not_a_dict(env):
         buf = io.BytesIO()
         torch.save(obj, buf)
         assert outcome(env, buf.getvalue()) == "StoreCorruptError"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# edited v2 stores: well-formed safetensors files whose header or tensors were changed
+
+JSON_NASTY = st.one_of(
+    st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=False), st.text(max_size=300),
+    st.lists(st.integers(-3, 10 ** 6), max_size=6), st.dictionaries(st.text(max_size=8), st.integers(), max_size=3),
+    st.sampled_from(["all", "positive", "conv2d", "0", "4", "float16", "float32", "untangle_ext.signal_store"]),
+    st.sampled_from([-1, 0, 1, 2, 3, 7]), st.recursive(st.none(), lambda c: st.lists(c, max_size=2), max_leaves=50),
+)
+
+
+def _v2_parts(valid: bytes, path: Path) -> tuple[dict, dict, dict]:
+    path.write_bytes(valid)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    return meta, json.loads(meta.pop("header")), tensors
+
+
+@st.composite
+def edited_v2(draw, parts) -> bytes:
+    """A valid v2 store with 1-3 edits of its metadata, JSON header or tensors."""
+    meta, header, tensors = copy.deepcopy(parts)
+    for _ in range(draw(st.integers(1, 3))):
+        op = draw(st.sampled_from(["meta", "header", "header_drop", "layer", "recast", "reshape", "poke", "drop",
+                                   "rename", "swap"]))
+        names = sorted(tensors)
+        if op == "meta":
+            meta[draw(st.sampled_from(["format", "format_version", "other"]))] = draw(
+                st.sampled_from(["", "1", "2", "3", "x" * 300, "untangle_ext.signal_store", "-1"]))
+        elif op == "header":
+            header[draw(st.sampled_from(sorted(header) + ["extra"]))] = draw(JSON_NASTY)
+        elif op == "header_drop" and header:
+            del header[draw(st.sampled_from(sorted(header)))]
+        elif op == "layer" and type(header.get("layers")) is list and header["layers"]:
+            layer = draw(st.sampled_from(header["layers"]))
+            if type(layer) is dict:
+                layer[draw(st.sampled_from(["name", "kind", "weight_shape", "extra"]))] = draw(JSON_NASTY)
+        elif op in ("recast", "reshape", "poke", "drop", "rename", "swap") and names:
+            name = draw(st.sampled_from(names))
+            t = tensors[name]
+            if op == "recast":
+                tensors[name] = t.to(draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float64, torch.float32,
+                                                           torch.int16, torch.int32, torch.uint8, torch.bool])))
+            elif op == "reshape":
+                tensors[name] = draw(st.sampled_from([t.reshape(-1), t.unsqueeze(0), t[..., :1].contiguous()
+                                                      if t.dim() else t[None], t.flip(0) if t.dim() else t]))
+            elif op == "poke" and t.numel():
+                t = t.clone()
+                t.view(-1)[draw(st.integers(0, t.numel() - 1))] = draw(
+                    st.sampled_from([float("nan"), float("inf"), -1.0, 1e30, 0.5, 2.0 ** 54, 30000, -32768]))
+                tensors[name] = t
+            elif op == "drop":
+                del tensors[name]
+            elif op == "rename":
+                tensors[draw(st.sampled_from(["0/a_lin", "7/a_pos", "1/a_neg/exp", "x", "0/a_pos/exp/exp"]))] = \
+                    tensors.pop(name)
+            else:
+                other = draw(st.sampled_from(names))
+                tensors[name], tensors[other] = tensors[other], t
+    return safetensors_bytes({k: v.contiguous() for k, v in tensors.items()},
+                             metadata={**meta, "header": json.dumps(header)})
+
+
+def test_edited_v2_stores(env):
+    parts = _v2_parts(env["valid_v2"], env["dir"] / "parts_class_0.pkl")
+    seen = run(env, edited_v2(parts), 200)
+    assert sum(n for k, n in seen.items() if not k.startswith("loaded")) >= 100  # most edits must be caught
