@@ -1,0 +1,133 @@
+"""Issue 13: one pass for any class count, multi-pass announced, lazy LRU attribution, injected reducer."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from untangle_ext import Attributor, SignalEstimator
+from untangle_ext.attribution import StoreSet
+from untangle_ext.estimator import MultiPassWarning
+from untangle_ext.moments import accumulator_bytes
+from untangle_ext.store import class_store_path
+
+CLASSES = 12
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, CLASSES)).double().eval()
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(CLASSES).repeat(7)[torch.randperm(7 * CLASSES, generator=g)]
+    return 5.0 + torch.randn(labels.numel(), 10, generator=g, dtype=torch.float64) + labels.view(-1, 1), labels
+
+
+class Counting(TensorDataset):
+    """Counts sample reads."""
+
+    def __init__(self, *tensors):
+        super().__init__(*tensors)
+        self.reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+
+def est(**kw) -> SignalEstimator:
+    return SignalEstimator(model(), progress=False, store_dtype=torch.float64, **kw)
+
+
+def test_labelled_data_is_read_once_class_by_class_and_equals_the_mixed_pass():
+    x, labels = data()
+    ds = Counting(x, labels)
+    by_class = est().fit(DataLoader(ds, batch_size=5))
+    assert ds.reads == len(ds) and sorted(by_class) == list(range(CLASSES))
+    mixed = est().fit([(x[i:i + 5], labels[i:i + 5]) for i in range(0, len(x), 5)])  # no labels to split by
+    for c in range(CLASSES):
+        for name, p in mixed[c].patterns.items():
+            for key, t in p.items():
+                torch.testing.assert_close(by_class[c].patterns[name][key], t, rtol=1e-9, atol=1e-12)
+
+
+def test_labels_argument_and_wrong_labels():
+    x, labels = data()
+    plain = [(x[i], labels[i]) for i in range(len(x))]  # a list data set: no `targets`
+    loader = DataLoader(plain, batch_size=5)
+    assert sorted(est().fit(loader, labels=labels)) == list(range(CLASSES))
+    with pytest.raises(ValueError, match="data set's labels say class"):
+        est().fit(loader, labels=labels.roll(1))
+    with pytest.raises(ValueError, match="one label per sample"):
+        est().fit(loader, labels=labels[:-1])
+
+
+def test_multi_pass_is_announced_and_a_one_shot_iterator_refused():
+    x, labels = data()
+    batches = [(x[i:i + 5], labels[i:i + 5]) for i in range(0, len(x), 5)]
+    budget = 3 * accumulator_bytes(est().program)
+    with pytest.warns(MultiPassWarning, match=f"reads it {-(-CLASSES // 3)} times"):
+        stores = est(memory_budget=budget).fit(batches)
+    assert sorted(stores) == list(range(CLASSES))
+    with pytest.raises(ValueError, match=f"needs {-(-CLASSES // 3)} passes .* one-shot iterator"):
+        est(memory_budget=budget).fit(b for b in batches)
+    assert sorted(est().fit(b for b in batches)) == list(range(CLASSES))  # one pass: a generator is fine
+
+
+def test_fit_to_files_over_a_labelled_loader_reads_once_and_resumes(tmp_path):
+    x, labels = data()
+    ds = Counting(x, labels)
+    written = est().fit_to_files(tmp_path / "net", DataLoader(ds, batch_size=5))
+    assert sorted(written) == list(range(CLASSES)) and ds.reads == len(ds)
+    assert est().fit_to_files(tmp_path / "net", DataLoader(ds, batch_size=5)) == written and ds.reads == len(ds)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(class_store_path("net", c).name
+                                                               for c in range(CLASSES))
+
+
+def test_injected_reducer_sees_every_pass():
+    x, labels = data()
+    seen = []
+    est(reducer=lambda m: seen.append(int(m.images.sum()))).fit([(x, labels)])
+    assert seen == [len(x)]
+
+
+def test_lazy_attribution_equals_eager_and_bounds_the_cache(tmp_path):
+    x, labels = data()
+    stores = est().fit(DataLoader(TensorDataset(x, labels), batch_size=5))
+    for c, s in stores.items():
+        s.save(class_store_path(tmp_path / "net", c))
+    eager = Attributor(model(), {c: s.encoded() for c, s in stores.items()})
+    lazy = Attributor.from_prefix(model(), tmp_path / "net", cache_size=4)
+    for i in range(0, 30, 6):
+        want = eager.explain(x[i:i + 2], topk=2)
+        got = lazy.explain(x[i:i + 2], topk=2)
+        assert torch.equal(got.attributions, want.attributions) and torch.equal(got.targets, want.targets)
+        assert len(lazy.lazy.cached) <= 4
+    loads = lazy.lazy.loads
+    lazy.explain(x[24:26], topk=2)  # warm: same classes, nothing read
+    assert lazy.lazy.loads == loads
+    with pytest.raises(ValueError, match="estimator='linear'"):
+        lazy.explain(x[:2], estimator="linear")
+    assert isinstance(lazy.lazy, StoreSet)
+
+
+def test_one_pass_memory_of_a_thousand_classes():
+    """Peak RSS over 1,000 classes stays at one class's working set: accumulators + its float64 patterns + a batch."""
+    worker = Path(__file__).with_name("_rss_worker.py")
+    out = subprocess.run([sys.executable, str(worker), "1000", "2"], capture_output=True, text=True, timeout=1800,
+                         env={"UNTANGLE_EXT_BACKEND": "torch", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["stores"] == 1000 and r["reads"] == r["samples"] == 2000
+    one_class = r["accumulators"] + r["patterns_f64"] + r["batch"]
+    print(f"\npeak - RSS before = {r['peak'] - r['current_before']} B; accumulators {r['accumulators']} B, "
+          f"float64 patterns {r['patterns_f64']} B, batch {r['batch']} B")
+    assert r["peak"] - r["current_before"] <= 1.1 * one_class
