@@ -3,9 +3,9 @@
     torchrun --nproc_per_node=2 examples/distributed_estimate.py --out results/dist/lenet
     python examples/distributed_estimate.py --out results/dist/lenet        # the same, one process
 
-Each rank reads its own shard (ShardSampler), the accumulators are summed
-across ranks in float64, every rank computes the same patterns, and rank 0
-writes ``{out}_class_{c}.pkl``. On GPUs, torchrun gives each process its own
+The data set knows its labels, so the ranks split the classes: each rank reads
+its classes' samples once, computes their patterns and writes their
+``{out}_class_{c}.pkl`` (the output folder must be shared by the ranks). On GPUs, torchrun gives each process its own
 GPU (LOCAL_RANK) and the NCCL backend is used.
 """
 from __future__ import annotations
@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from untangle_ext import SignalEstimator, distributed
 from untangle_ext.data import load_mnist_sample
 from untangle_ext.models import load_or_train_lenet
-from untangle_ext.store import class_store_path
 
 
 def main() -> None:
@@ -41,15 +40,13 @@ def main() -> None:
     model = model.to(device)
 
     dataset = TensorDataset(*load_mnist_sample("train"))
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=distributed.ShardSampler(dataset))
+    loader = DataLoader(dataset, batch_size=args.batch_size)  # the data set knows its labels: ranks split the classes
     start = time.perf_counter()
-    stores = SignalEstimator(model, progress=distributed.is_main()).fit(loader)
+    written = SignalEstimator(model, progress=distributed.is_main()).fit_to_files(args.out, loader, overwrite=True)
     seconds = time.perf_counter() - start
     if distributed.is_main():
-        for c, store in stores.items():
-            store.save(class_store_path(args.out, c))
         print(f"{len(dataset)} images on {shard.world_size} process(es) in {seconds:.2f} s; "
-              f"wrote {len(stores)} stores to {Path(args.out).parent}/")
+              f"{len(written)} stores in {Path(args.out).parent}/ (each rank wrote its share of the classes)")
     if dist.is_initialized():
         dist.destroy_process_group()
 

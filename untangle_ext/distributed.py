@@ -231,17 +231,6 @@ def gather_classes(classes: Sequence[int], num_classes: int) -> list[int]:
     return [i - 1 for i in torch.nonzero(mask).view(-1).tolist()]
 
 
-def main_decides(decide: Callable[..., bool], *args: object) -> bool:
-    """Rank 0 evaluates ``decide(*args)``; every rank returns its answer (so all take the same branch)."""
-    shard = current()
-    if shard is None:
-        return decide(*args)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    flag = torch.tensor([int(decide(*args)) if shard.rank == 0 else 0], device=device)
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
-
-
 def barrier() -> None:
     """Wait until every rank gets here (after rank 0 has written its files); a no-op unless distributed."""
     if current() is not None:
