@@ -232,6 +232,6 @@ def gather_classes(classes: Sequence[int], num_classes: int) -> list[int]:
 
 
 def barrier() -> None:
-    """Wait until every rank gets here (after rank 0 has written its files); a no-op unless distributed."""
+    """Wait until every rank gets here (after each has written its files); a no-op unless distributed."""
     if current() is not None:
         dist.barrier()
