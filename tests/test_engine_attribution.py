@@ -195,6 +195,39 @@ class _TwoInputs(nn.Module):
         return self.fc(x + y)
 
 
+class _MutatesSilently(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        y.add_(1.0)  # the result is dropped: only the mutation of y carries the op
+        return torch.relu(y)
+
+
+class _InplaceThenReads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.fc(x)
+        z = self.act(y)
+        return z + y  # eager: y was rectified in place, so this is 2 relu(y)
+
+
+class _InplaceResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.fc(x)
+        out += x  # the ResNet idiom: exact out of place
+        return self.act(out)
+
+
 class _Assigns(nn.Module):
     def forward(self, x):
         x = x.clone()
@@ -214,6 +247,13 @@ def test_untraceable_constructs_are_named_with_a_workaround():
         Program(nn.Sequential(nn.Linear(4, 4), _Assigns(), nn.Linear(4, 2)))
     with pytest.raises(UnsupportedModelError, match="more than one input"):
         Program(_TwoInputs())
+    for silent in (_MutatesSilently(), _InplaceThenReads()):
+        with pytest.raises(UnsupportedModelError, match="in-place.*seen through another reference.*out-of-place"):
+            Program(nn.Sequential(silent, nn.Linear(4, 2)))
+    model = nn.Sequential(_InplaceResidual(), nn.Linear(4, 2)).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    model(x)[:, 1].sum().backward()
+    torch.testing.assert_close(Attributor(model).attribute(x.detach(), target=1, method="gradient"), x.grad)
 
 
 def test_bad_targets_and_missing_stores():

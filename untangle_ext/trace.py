@@ -38,8 +38,8 @@ def eval_view(module: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Modu
     view._parameters = {n: _cast(p, dtype) for n, p in module._parameters.items()}
     view._buffers = {n: _cast(b, dtype) for n, b in module._buffers.items()}
     view.training = False
-    if isinstance(getattr(view, "inplace", None), bool):
-        view.inplace = False
+    if getattr(view, "inplace", None) is True:
+        view.inplace, view.was_inplace = False, True  # remembered: the tracer checks the mutation is not observed
     return view
 
 
@@ -118,9 +118,19 @@ class _Builder:
         return tuple(self.index[n] for n in node.all_input_nodes if self.data[n])
 
     def build(self, graph: fx.Graph) -> list[Step]:
+        self.position = {node: i for i, node in enumerate(graph.nodes)}
         for node in graph.nodes:
             getattr(self, f"on_{node.op}")(node)
         return self.steps
+
+    def check_inplace(self, node: fx.Node, what: str) -> None:
+        """An in-place op is run out of place: exact only when its result is used and its input is not read later."""
+        target = node.args[0] if node.args else None
+        read_later = isinstance(target, fx.Node) and any(
+            self.position[u] > self.position[node] for u in target.users if u is not node)
+        if not node.users or read_later:
+            raise self.unsupported(node, f"{what}, whose mutation is seen through another reference",
+                                   "use the out-of-place form (y = x + z, not x.add_(z) / inplace=True) there")
 
     def on_placeholder(self, node: fx.Node) -> None:
         if self.steps:
@@ -144,6 +154,8 @@ class _Builder:
         module = self.root.get_submodule(str(node.target))
         name = str(node.target)
         kind = affine_for(module)
+        if getattr(module, "was_inplace", False) and self.data_inputs(node):
+            self.check_inplace(node, f"the in-place module '{name}' ({type(module).__name__}(inplace=True))")
         if kind is not None:
             self.add(node, Step(rules.AFFINE, name, args=self.ref(node.args[:1]), layer=kind.from_module(name, module),
                                 tensor_inputs=self.data_inputs(node)))
@@ -169,6 +181,8 @@ class _Builder:
 
     def on_call_function(self, node: fx.Node) -> None:
         fn = _INPLACE_FUNCTIONS.get(node.target, node.target)
+        if (fn is not node.target or node.kwargs.get("inplace") is True) and self.data_inputs(node):
+            self.check_inplace(node, f"the in-place op '{getattr(node.target, '__name__', node.target)}'")
         if fn is operator.getitem and node.args[0] in self.fused:
             src_fn, args, kwargs, data, src_name = self.fused[node.args[0]]
             self.add(node, Step(rules.GENERIC, f"{src_name}[{node.args[1]}]", args=args, kwargs=kwargs,
@@ -182,6 +196,7 @@ class _Builder:
         if name.endswith("_") and not name.endswith("__") and self.data_inputs(node):
             if not hasattr(torch.Tensor, name[:-1]):
                 raise self.unsupported(node, f"the in-place tensor method '.{name}()'", "use an out-of-place op")
+            self.check_inplace(node, f"the in-place tensor method '.{name}()'")
             name = name[:-1]
         self.call(node, rules.rule_for_method(name), _method(name), node.name, gating=name in rules.GATING_CALLS,
                   product=name in rules.PRODUCTS)
