@@ -189,8 +189,11 @@ def _denormalise(values: torch.Tensor, exponent: torch.Tensor) -> tuple[torch.Te
                   "they are returned normalised (max |value| < 1) and the true map is attributions * "
                   "2**Explanation.scale_exponent. Heatmaps are unaffected (they are normalised anyway)",
                   ScaledAttributionWarning, stacklevel=3)
+    _, e = torch.frexp(vmax)
+    e = torch.where(fits | (vmax == 0), torch.zeros_like(exponent), e.long())
+    normalised = torch.ldexp(values, (-e).view(-1, *([1] * (values.dim() - 1))).to(values.dtype))
     view = fits.view(-1, *([1] * (values.dim() - 1)))
-    return torch.where(view, exact, values), torch.where(fits, torch.zeros_like(exponent), exponent)
+    return torch.where(view, exact, normalised), torch.where(fits, torch.zeros_like(exponent), exponent + e)
 
 
 def _stores_input_shape(stores) -> Optional[tuple[int, ...]]:

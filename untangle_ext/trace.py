@@ -350,8 +350,8 @@ class Program:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reverse ``seed`` (B·k, outputs), pair-major per image, back to the input.
 
-        Returns ``(values, exponent)``: each pair's signal is kept normalised (max |v| in [0.5, 1)) after
-        every step that can change its scale, by exact powers of two, so that deep nets never overflow;
+        Returns ``(values, exponent)``: after every step that can change its scale, a pair whose signal
+        drifted far from 1 is rescaled by an exact power of two, so deep nets never overflow or underflow;
         the true map of pair ``i`` is ``values[i] * 2**exponent[i]``.
         """
         ctx = Reverse(tape, k, affine_reverse, constant_gates)
@@ -372,6 +372,11 @@ class Program:
         raise RuntimeError("the output does not depend on the input")
 
 
+#: Binary exponents a pair's signal may drift by before it is renormalised: far inside float32's ±126, so no
+#: single layer can overflow it, and rare enough that most steps cost one reduction.
+_DRIFT = 32
+
+
 class _Scaled:
     """A signal for B·k pairs as ``values * 2**exponent`` (exponent per pair)."""
 
@@ -382,9 +387,15 @@ class _Scaled:
         return e.view(-1, *([1] * (self.values.dim() - 1)))
 
     def normalised(self) -> "_Scaled":
-        amax = self.values.detach().abs().flatten(1).amax(1) if self.values.numel() else self.values.new_zeros(0)
+        """Rescale the pairs whose max |value| left [2^-32, 2^32] back to [0.5, 1) (one reduction otherwise)."""
+        if not self.values.numel():
+            return self
+        amax = torch.linalg.vector_norm(self.values.flatten(1), float("inf"), dim=1)
         _, e = torch.frexp(amax)
-        e = torch.where((amax > 0) & torch.isfinite(amax), e.long(), torch.zeros_like(e, dtype=torch.long))
+        drifted = (amax > 0) & torch.isfinite(amax) & ((e > _DRIFT) | (e < -_DRIFT))
+        if not bool(drifted.any()):
+            return self
+        e = torch.where(drifted, e.long(), torch.zeros_like(e, dtype=torch.long))
         return _Scaled(torch.ldexp(self.values, self._view(-e).to(self.values.dtype)), self.exponent + e)
 
     def plus(self, other: "_Scaled") -> "_Scaled":
