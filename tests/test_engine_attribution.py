@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from _hardening import Branchy
 from untangle_ext import ALL_CLASSES, Attributor, SignalEstimator, SignalStore, UnsupportedModelError
 from untangle_ext.models import LeNet, residual_net, vgg_style_net
 from untangle_ext.rules import Tape
@@ -175,17 +176,6 @@ def test_public_calls_leave_the_model_bit_identical():
     assert torch.equal(model(x), reference.eval()(x))
 
 
-class _Branchy(nn.Module):
-    """A block whose forward branches on a tensor value: fx cannot trace it."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(x) if x.sum() > 0 else -self.fc(x)
-
-
 class _TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
@@ -236,10 +226,10 @@ class _Assigns(nn.Module):
 
 
 def test_untraceable_constructs_are_named_with_a_workaround():
-    model = nn.Sequential(nn.Linear(4, 4), _Branchy(), nn.Linear(4, 2))
-    with pytest.raises(UnsupportedModelError, match=r"module '1' \(_Branchy\).*leaf_modules"):
+    model = nn.Sequential(nn.Linear(4, 4), Branchy(), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModelError, match=r"module '1' \(Branchy\).*leaf_modules"):
         Program(model)
-    program = Program(model, leaf_modules=[_Branchy])  # the workaround: one op, reversed with its gradient
+    program = Program(model, leaf_modules=[Branchy])  # the workaround: one op, reversed with its gradient
     assert [layer.name for layer in program.layers] == ["0", "2"]
     x = torch.randn(3, 4)
     torch.testing.assert_close(program.forward(x), model(x))
