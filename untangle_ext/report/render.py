@@ -87,6 +87,7 @@ def deletion_figure(fractions: Sequence[float], means: dict[str, dict[str, dict]
                     label=f"{section.replace('_', ' ')}: {label}  AUC {curve['auc']:.3f}")
     ax.set_ylim(0, 1.02)
     ax.set_xscale("function", functions=(np.sqrt, np.square))
+    ax.set_xlim(0, 1)
     ax.set_xticks([0, 0.01, 0.05, 0.1, 0.25, 0.5, 1])
     ax.set_xticklabels(["0", ".01", ".05", ".1", ".25", ".5", "1"])
     ax.set_xlabel("fraction of pixels removed, most attributed first (√ scale)")
