@@ -35,7 +35,7 @@ def run_headless(page: PathLike, args: Sequence[str], timeout: float = 120.0) ->
     return subprocess.run([browser, *HEADLESS, *args, url], capture_output=True, text=True, timeout=timeout)
 
 
-def screenshot(page: PathLike, png: PathLike, width: int = 1100, height: int = 1500, colors: int = 256) -> Path:
+def screenshot(page: PathLike, png: PathLike, width: int = 1100, height: int = 1800, colors: int = 256) -> Path:
     """Render ``page`` headless into ``png`` (atomically), quantised to ``colors`` colours to keep it small."""
     from PIL import Image
 

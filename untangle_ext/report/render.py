@@ -55,7 +55,7 @@ def reliability_figure(cal: dict) -> str:
     width, left = np.diff(edges), edges[:-1]
     acc = np.array([a if a is not None else 0.0 for a in cal["accuracy"]])
     conf = np.array([c if c is not None else 0.0 for c in cal["confidence"]])
-    fig = Figure(figsize=(4.2, 4.2), layout="constrained")
+    fig = Figure(figsize=(3.4, 3.6), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     filled = np.array([a is not None for a in cal["accuracy"]])
     top.bar(left[filled], acc[filled], width[filled], align="edge", color="#4a7dbf", edgecolor="white",
@@ -78,7 +78,7 @@ def deletion_figure(fractions: Sequence[float], means: dict[str, dict[str, dict]
     """Mean deletion curves per section (solid: uncertain, dotted: confident wrong) and method."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.6, 3.4), layout="constrained")
+    fig = Figure(figsize=(4.2, 3.4), layout="constrained")
     ax = fig.subplots()
     for section, ls in (("uncertain", "-"), ("confident_wrong", ":")):
         for method, curve in means.get(section, {}).items():
@@ -90,7 +90,7 @@ def deletion_figure(fractions: Sequence[float], means: dict[str, dict[str, dict]
     ax.set_xlim(0, 1)
     ax.set_xticks([0, 0.01, 0.05, 0.1, 0.25, 0.5, 1])
     ax.set_xticklabels(["0", ".01", ".05", ".1", ".25", ".5", "1"])
-    ax.set_xlabel("fraction of pixels removed, most attributed first (√ scale)")
+    ax.set_xlabel("fraction of pixels removed (√ scale)")
     ax.set_ylabel("mean p(predicted class)")
     ax.set_title("deletion, mean over each section", fontsize=10)
     ax.legend(fontsize=7)
@@ -179,7 +179,7 @@ def _summary(data: dict, figures: dict) -> str:
                     f'<td>{p["share"]:.0%}</td><td>{p["wrong"]}</td></tr>' for p in data["confusion_pairs_uncertain"])
     counts, accs = data["class_maps"]["count"], data["class_maps"]["accuracy"]
     classes = "".join(
-        _tile(uri, f'{_name(data, c)} · n {counts[c]}' + (f' · acc {accs[c]:.0%}' if accs[c] is not None else ""))
+        _tile(uri, f'{_name(data, c)} · ' + (f'{accs[c]:.0%} of {counts[c]}' if accs[c] is not None else "no images"))
         for c, uri in enumerate(figures["class_maps"]))
     stats = (f'<p class="stats"><b>{data["images"]}</b> test images · accuracy <b>{data["accuracy"]:.2%}</b> '
              f'({data["errors"]} wrong) · ECE <b>{cal["ece"]:.4f}</b> ({len(cal["count"])} bins) · ranked by '
@@ -191,7 +191,7 @@ def _summary(data: dict, figures: dict) -> str:
             f'<table><thead><tr><th>pair</th><th>images</th><th>share</th><th>wrong</th></tr></thead>'
             f'<tbody>{pairs}</tbody></table></div></div>'
             f'<h3>Mean PatternAttribution map per class</h3><p class="note">each test image\'s map for its true '
-            f'class on its own scale, averaged per class, the classes on one scale</p>'
+            f'class on its own scale, averaged per class, the classes on one scale; caption: accuracy of the class</p>'
             f'<div class="row classes">{classes}</div></section>')
 
 
@@ -202,7 +202,7 @@ h3{font-size:13px;font-weight:normal;margin:6px 0}.note{color:#666;font-size:12p
 .row{display:flex;flex-wrap:wrap;gap:6px;align-items:flex-start}.pair{display:flex;gap:2px;padding:0 4px;
 border-left:1px solid #ddd}figure{margin:0}figure.tile img{width:84px;height:84px;image-rendering:pixelated;
 display:block;border:1px solid #ddd}figcaption{font-size:11px;color:#444;text-align:center;max-width:170px}
-.classes figure.tile img{width:64px;height:64px}.classes figure{width:84px}.card{border:1px solid #e4e4e4;border-radius:4px;padding:4px 8px;
+.classes figure.tile img{width:64px;height:64px}.classes figure{width:96px}.card{border:1px solid #e4e4e4;border-radius:4px;padding:4px 8px;
 margin:6px 0}.wrong{color:#c0392b;font-weight:bold}.curve{font-size:9px;fill:#666;display:block}
 table{border-collapse:collapse;font-size:12px}td,th{border-bottom:1px solid #eee;padding:2px 6px;text-align:right}
 th{cursor:pointer;background:#f6f6f6;position:sticky;top:0}
