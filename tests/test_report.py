@@ -100,10 +100,13 @@ def test_streaming_selection_equals_one_pass_and_model_is_untouched(model, store
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"n": 0}, ValueError, "n must be a positive int"),
+    ({"n": 0}, ValueError, "n must be an int >= 1"),
     ({"by": "variance"}, ValueError, "uncertainty must be one of"),
-    ({"topk": 1}, ValueError, "topk must be >= 2"),
+    ({"topk": 1}, ValueError, "topk must be an int >= 2.*runner-ups"),
+    ({"topk": 4}, ValueError, "topk=4 must lie in"),
     ({"points": 1}, ValueError, "points must be an int >= 2"),
+    ({"bins": 0}, ValueError, "bins must be an int >= 1"),
+    ({"fill": [0.0, 1.0]}, ValueError, "one per channel"),
     ({"out": "report.txt"}, ValueError, "ending in .html"),
     ({"class_names": ["a"]}, ValueError, "one name per class"),
     ({"loader": [torch.zeros(2, *IMAGE_SHAPE)]}, TypeError, "labelled loader"),
@@ -118,6 +121,18 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(model, stores, tmp_path, 
     with pytest.raises(error, match=match):
         build(model, stores, loader, out, progress=False, **{"topk": 2, **kwargs})
     assert out.read_text() == "old" and out.with_suffix(".json").read_text() == "old"
+
+
+def test_a_model_without_mistakes_gets_an_empty_wrong_section(model, stores, tmp_path):
+    x = _tiny_loader(60).dataset.tensors[0]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    report = build(model, stores, DataLoader(TensorDataset(x, y), batch_size=16), tmp_path / "r.html", n=3, topk=2,
+                   points=3, progress=False)
+    assert report.data["accuracy"] == 1.0 and report.data["errors"] == 0
+    assert report.data["sections"]["confident_wrong"] == [] and len(report.data["sections"]["uncertain"]) == 3
+    assert "confident_wrong" not in report.data["deletion_mean"]
+    assert "most confident wrong predictions (0)" in report.html.read_text()
 
 
 # ------------------------------------------------------------------------------------ LeNet on MNIST

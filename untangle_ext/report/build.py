@@ -62,40 +62,55 @@ def _length(loader: Iterable) -> Optional[int]:
         return None
 
 
+def _check_labels(y: torch.Tensor, k: int) -> None:
+    if y.numel() and (y.min() < 0 or y.max() >= k):
+        raise ValueError(f"labels must be class ids in [0, {k}) (the model has {k} outputs); the loader gave "
+                         f"{sorted(set(y.tolist()) - set(range(k)))}")
+
+
+class _Candidates:
+    """The images that may still be chosen, in loader order, with their positions, probabilities and labels."""
+
+    def __init__(self, n: int, by: str):
+        self.n, self.by = n, by
+        self.parts: Optional[tuple[torch.Tensor, ...]] = None  # (index, images, probs, labels)
+
+    def add(self, start: int, x: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> None:
+        """Merge a batch and keep the union of the n most uncertain and n most confident wrong so far.
+
+        Exact: an image in the global top n of either list is in the top n of every prefix holding it.
+        """
+        new = (torch.arange(start, start + y.shape[0]), x.detach().cpu(), p, y)
+        if self.parts is not None:
+            new = tuple(torch.cat([old, add]) for old, add in zip(self.parts, new))
+        keep = torch.cat(analysis.select(new[2], new[3], self.n, self.by)).unique()  # sorted: stays in order
+        self.parts = tuple(t[keep] for t in new)
+
+
 @torch.no_grad()
 def scan(attributor: Attributor, loader: Iterable, n: int, by: str, progress: bool = True) -> Scan:
-    """Pass 1: probabilities, labels, per-class mean-map sums; keeps the images that may be among the chosen."""
+    """Pass 1: probabilities, labels, per-class mean-map sums; keeps only the images that may be chosen."""
     k = attributor.num_classes
     probs, labels = [], []
-    kept_index = torch.zeros(0, dtype=torch.long)
-    kept_images: Optional[torch.Tensor] = None
+    candidates = _Candidates(n, by)
     map_sum: Optional[torch.Tensor] = None
     map_count = torch.zeros(k, dtype=torch.long)
     seen = 0
     for x, y in tqdm(_batches(loader), total=_length(loader), desc="report: scan", unit="batch", disable=not progress,
                      leave=False):
-        if y.numel() and (y.min() < 0 or y.max() >= k):
-            raise ValueError(f"labels must be class ids in [0, {k}) (the model has {k} outputs); the loader gave "
-                             f"{sorted(set(y.tolist()) - set(range(k)))}")
+        _check_labels(y, k)
         exp = attributor.explain(x, target=y)
-        p = torch.softmax(exp.logits.double(), 1).cpu()
+        probs.append(torch.softmax(exp.logits.double(), 1).cpu())
+        labels.append(y)
         maps = per_map_normalise(channel_sum(exp.attributions[:, 0].double())).cpu()
         map_sum = torch.zeros((k, *maps.shape[1:]), dtype=torch.float64) if map_sum is None else map_sum
         map_sum.index_add_(0, y, maps)
         map_count += torch.bincount(y, minlength=k)
-        probs.append(p)
-        labels.append(y)
-        # Keep the union of the n most uncertain and n most confident wrong seen so far: the global top n
-        # of either is always in the top n of every prefix that contains it, so this is exact.
-        index = torch.cat([kept_index, torch.arange(seen, seen + y.shape[0])])
-        images = x.detach().cpu() if kept_images is None else torch.cat([kept_images, x.detach().cpu()])
-        all_p, all_y = torch.cat(probs), torch.cat(labels)
-        keep = torch.cat(analysis.select(all_p[index], all_y[index], n, by)).unique()  # sorted: stays in index order
-        kept_index, kept_images = index[keep], images[keep]
+        candidates.add(seen, x, probs[-1], y)
         seen += y.shape[0]
-    if not seen or map_sum is None or kept_images is None:
+    if map_sum is None or candidates.parts is None:
         raise ValueError("the loader yielded no images; pass a loader over the labelled test set")
-    return Scan(torch.cat(probs), torch.cat(labels), kept_index, kept_images, map_sum, map_count)
+    return Scan(torch.cat(probs), torch.cat(labels), candidates.parts[0], candidates.parts[1], map_sum, map_count)
 
 
 def _explain(attributor: Attributor, x: torch.Tensor, batch_size: int, **kw) -> Explanation:
@@ -108,8 +123,10 @@ def _explain(attributor: Attributor, x: torch.Tensor, batch_size: int, **kw) -> 
 def deletion_curves(attributor: Attributor, x: torch.Tensor, pa: torch.Tensor, predicted: torch.Tensor,
                     points: int, fill: Union[float, Sequence[float]], batch_size: int) -> dict[str, Curve]:
     """Deletion (pixels → ``fill``, most attributed first) for PatternAttribution maps ``pa`` and the gradient."""
-    grad = _explain(attributor, x, batch_size, target=predicted, method="gradient").attributions[:, 0]
     fill_t = torch.as_tensor(fill, dtype=torch.float64)
+    if fill_t.numel() not in (1, x.shape[1]):
+        raise ValueError(f"fill must be one value or one per channel ({x.shape[1]}), got {fill_t.numel()} values")
+    grad = _explain(attributor, x, batch_size, target=predicted, method="gradient").attributions[:, 0]
     return {name: degradation_curve(attributor.program, x, patch_scores(maps.double(), 1), 1, fill_t, points=points,
                                     batch_size=batch_size)
             for name, maps in zip(CURVE_METHODS, (pa, grad))}
@@ -140,10 +157,19 @@ class _Stages:
         self.bar.update(1)
 
 
-def _check_n(n: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int (images per section), not {n!r}")
-    return n
+def _check_settings(out: Path, n: int, topk: int, points: int, bins: int, class_names: Optional[Sequence[str]],
+                    num_classes: int) -> None:
+    """Fail before any work on a setting that cannot give a report."""
+    for name, value, least in (("n", n, 1), ("topk", topk, 2), ("points", points, 2), ("bins", bins, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, not {value!r}"
+                             + ("; the report compares the top class with its runner-ups" if name == "topk" else ""))
+    check_topk(topk, num_classes)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"the report is an HTML file: give a path ending in .html, not {str(out)!r}")
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"class_names has {len(class_names)} names but the model has {num_classes} classes; "
+                         "give one name per class")
 
 
 def _card(i: int, pos: int, scan_: Scan, exp: Explanation, curves: dict[str, Curve]) -> dict:
@@ -161,6 +187,21 @@ def _card(i: int, pos: int, scan_: Scan, exp: Explanation, curves: dict[str, Cur
         "entropy": float(analysis.entropy(p[None])[0]),
         "joint_scale": float(channel_sum(exp.attributions[pos].double()).abs().max()),
         "deletion": {m: _curve_numbers(c.fractions, c.probabilities[:, pos]) for m, c in curves.items()},
+    }
+
+
+def _test_set_numbers(s: Scan, uncertain: torch.Tensor, bins: int) -> dict:
+    """The summary's numbers: accuracy, calibration, confusion pairs of the uncertain set, per-class counts."""
+    correct = s.probs.argmax(1) == s.labels
+    return {
+        "images": int(s.labels.numel()),
+        "accuracy": float(correct.double().mean()),
+        "errors": int((~correct).sum()),
+        "calibration": analysis.reliability(s.probs.max(1).values, correct, bins),
+        "confusion_pairs_uncertain": analysis.confusion_pairs(s.probs[uncertain], s.labels[uncertain]),
+        "class_maps": {"count": s.map_count.tolist(),
+                       "accuracy": [float(correct[s.labels == c].double().mean()) if s.map_count[c] else None
+                                    for c in range(s.probs.shape[1])]},
     }
 
 
@@ -193,20 +234,10 @@ def build(
     mean for normalised inputs) at ``points`` steps. Writes ``out`` (self-contained HTML) and ``out`` with
     suffix ``.json`` (every number shown), atomically. The model is never modified.
     """
-    _check_n(n)
     analysis.check_uncertainty(by)
     out = Path(out)
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise ValueError(f"the report is an HTML file: give a path ending in .html, not {str(out)!r}")
     attributor = Attributor(model, stores)
-    k = check_topk(topk, attributor.num_classes)
-    if k < 2:
-        raise ValueError("topk must be >= 2: the report compares the top class with its runner-ups")
-    if class_names is not None and len(class_names) != attributor.num_classes:
-        raise ValueError(f"class_names has {len(class_names)} names but the model has {attributor.num_classes} "
-                         "classes; give one name per class")
-    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
-        raise ValueError(f"points must be an int >= 2 (steps of each deletion curve), not {points!r}")
+    _check_settings(out, n, topk, points, bins, class_names, attributor.num_classes)
     start = time.perf_counter()
     stages = _Stages(("scan", "explain", "deletion", "figures", "html"), progress)
     with stages("scan"):
@@ -217,26 +248,17 @@ def build(
         chosen = torch.cat([uncertain, wrong]).unique()
         row_of = {int(i): r for r, i in enumerate(chosen.tolist())}
         x = s.kept_images[torch.searchsorted(s.kept_index, chosen)]
-        exp = _explain(attributor, x, batch_size, topk=k)
+        exp = _explain(attributor, x, batch_size, target=s.probs[chosen].topk(topk, dim=1).indices)
     with stages("deletion"):
         curves = deletion_curves(attributor, x, exp.attributions[:, 0], exp.targets[:, 0], points, fill, batch_size)
     sections = {"uncertain": uncertain.tolist(), "confident_wrong": wrong.tolist()}
     cards = {i: _card(i, row_of[i], s, exp, curves) for i in chosen.tolist()}
-    class_maps = normalise(s.map_sum / s.map_count.clamp(min=1).view(-1, 1, 1))
-    correct = s.probs.argmax(1) == s.labels
     data = {
         "title": title,
-        "settings": {"n": n, "uncertainty": by, "topk": k, "deletion_points": points,
+        "settings": {"n": n, "uncertainty": by, "topk": topk, "deletion_points": points,
                      "deletion_fill": torch.as_tensor(fill).tolist(), "calibration_bins": bins, "cmap": cmap},
         "class_names": list(class_names) if class_names is not None else None,
-        "images": int(s.labels.numel()),
-        "accuracy": float(correct.double().mean()),
-        "errors": int((~correct).sum()),
-        "calibration": analysis.reliability(s.probs.max(1).values, correct, bins),
-        "confusion_pairs_uncertain": analysis.confusion_pairs(s.probs[uncertain], s.labels[uncertain]),
-        "class_maps": {"count": s.map_count.tolist(),
-                       "accuracy": [float(correct[s.labels == c].double().mean()) if s.map_count[c] else None
-                                    for c in range(attributor.num_classes)]},
+        **_test_set_numbers(s, uncertain, bins),
         "deletion_fractions": curves["gradient"].fractions.tolist(),
         "deletion_mean": {sec: {m: _curve_numbers(c.fractions, c.probabilities[:, [row_of[i] for i in idx]].mean(1))
                                 for m, c in curves.items()} for sec, idx in sections.items() if idx},
@@ -244,6 +266,7 @@ def build(
     }
     with stages("figures"):
         tiles = {i: render.image_tiles(x[r], explanation_maps(exp.attributions[r]), cmap) for i, r in row_of.items()}
+        class_maps = normalise(s.map_sum / s.map_count.clamp(min=1).view(-1, 1, 1))
         figures = render.summary_figures(data, class_maps, cmap)
     with stages("html"):
         html = render.page(data, tiles, figures)
