@@ -86,14 +86,17 @@ def _numbers(report) -> dict:
     return {k: v for k, v in json.loads(report.json.read_text()).items() if k != "seconds"}
 
 
-def test_streaming_selection_equals_one_pass_and_model_is_untouched(model, stores, tmp_path):
+@pytest.mark.parametrize("by", ["margin", "entropy"])
+def test_streaming_selection_equals_one_pass_and_model_is_untouched(model, stores, tmp_path, by):
     before = snapshot(model)
     x0 = _tiny_loader(60).dataset.tensors[0][:4]
     out0 = model(x0)
-    small = build(model, stores, _tiny_loader(7), tmp_path / "a.html", n=4, topk=2, points=4, progress=False)
-    whole = build(model, stores, _tiny_loader(60), tmp_path / "b.html", n=4, topk=2, points=4, progress=False)
+    small = build(model, stores, _tiny_loader(7), tmp_path / "a.html", n=4, by=by, topk=2, points=4, progress=False)
+    whole = build(model, stores, _tiny_loader(60), tmp_path / "b.html", n=4, by=by, topk=2, points=4, progress=False)
     a, b = _numbers(small), _numbers(whole)
-    assert a["sections"]["uncertain"] and a["sections"]["confident_wrong"]
+    assert len(a["sections"]["confident_wrong"]) == 4 and len(a["sections"]["uncertain"]) == 4
+    key = [c["margin"] if by == "margin" else -c["entropy"] for c in a["sections"]["uncertain"]]
+    assert key == sorted(key)  # most uncertain first
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
     assert_unchanged(model, before)
     assert torch.equal(model(x0), out0)

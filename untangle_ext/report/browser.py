@@ -14,7 +14,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 BROWSER_ENV = "UNTANGLE_EXT_BROWSER"
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # --no-sandbox: Chromium refuses to start as root otherwise (CI containers); the pages are our own files.
-HEADLESS = ("--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run")
+# --disable-dev-shm-usage: containers often have a 64 MB /dev/shm, too small for a long page.
+HEADLESS = ("--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+            "--disable-dev-shm-usage")
 
 
 def find_browser() -> Optional[str]:
