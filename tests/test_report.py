@@ -218,7 +218,7 @@ def test_cli_report_with_saved_model_and_stores(lenet_report, tmp_path, capsys):
     assert f"report: {out.resolve()}" in printed and "scan" in printed
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["images"] == 1000 and data["settings"]["n"] == 2 and len(data["sections"]["uncertain"]) == 2
-    with pytest.raises(SystemExit, match="untangle-ext report: error: .*ending in .html"):
+    with pytest.raises(SystemExit, match="ending in .html"):  # the prefix is cli._user_errors's
         cli.main(["report", "--cache", str(ckpt), "--store-prefix", str(tmp_path / "s"), "--out", "r.txt"])
 
 
