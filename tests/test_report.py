@@ -73,6 +73,19 @@ def test_confusion_pairs_are_unordered_and_count_mistakes():
     assert pairs[1]["wrong"] == 1  # row 3: top class 0 (tie broken by topk: first index), label 2
 
 
+def test_quadratic_deletion_steps_are_squares_and_sample_the_linear_curve(model):
+    from untangle_ext.quality import degradation_curve, patch_scores
+
+    x = _tiny_loader(60).dataset.tensors[0][:5]  # 6x6: 36 pixels
+    scores = patch_scores(torch.rand(x.shape, generator=torch.Generator().manual_seed(0)), 1)
+    every = degradation_curve(model, x, scores, 1, 0.0)
+    squares = degradation_curve(model, x, scores, 1, 0.0, points=7, spacing="quadratic")
+    assert squares.counts.tolist() == [0, 1, 4, 9, 16, 25, 36]
+    assert torch.equal(squares.probabilities, every.probabilities[squares.counts])
+    with pytest.raises(ValueError, match="spacing must be"):
+        degradation_curve(model, x, scores, 1, 0.0, spacing="log")
+
+
 # ------------------------------------------------------------------------------------- the tiny net
 
 def _tiny_loader(batch_size: int) -> DataLoader:

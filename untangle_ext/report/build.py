@@ -122,13 +122,14 @@ def _explain(attributor: Attributor, x: torch.Tensor, batch_size: int, **kw) -> 
 
 def deletion_curves(attributor: Attributor, x: torch.Tensor, pa: torch.Tensor, predicted: torch.Tensor,
                     points: int, fill: Union[float, Sequence[float]], batch_size: int) -> dict[str, Curve]:
-    """Deletion (pixels → ``fill``, most attributed first) for PatternAttribution maps ``pa`` and the gradient."""
+    """Deletion (pixels → ``fill``, most attributed first) for PatternAttribution maps ``pa`` and the gradient,
+    at ``points`` steps evenly spaced on a √ axis (the axis the report draws them on)."""
     fill_t = torch.as_tensor(fill, dtype=torch.float64)
     if fill_t.numel() not in (1, x.shape[1]):
         raise ValueError(f"fill must be one value or one per channel ({x.shape[1]}), got {fill_t.numel()} values")
     grad = _explain(attributor, x, batch_size, target=predicted, method="gradient").attributions[:, 0]
     return {name: degradation_curve(attributor.program, x, patch_scores(maps.double(), 1), 1, fill_t, points=points,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, spacing="quadratic")
             for name, maps in zip(CURVE_METHODS, (pa, grad))}
 
 
@@ -218,7 +219,7 @@ def build(
     n: int = 50,
     by: str = "margin",
     topk: int = 3,
-    points: int = 41,
+    points: int = 21,
     fill: Union[float, Sequence[float]] = 0.0,
     bins: int = 10,
     class_names: Optional[Sequence[str]] = None,
@@ -231,7 +232,7 @@ def build(
 
     ``loader`` yields labelled (images, labels) test batches; images are numbered in its order. ``by`` is
     'margin' or 'entropy'; deletion curves set pixels to ``fill`` (0 = black on MNIST; pass the per-channel
-    mean for normalised inputs) at ``points`` steps. Writes ``out`` (self-contained HTML) and ``out`` with
+    mean for normalised inputs) at ``points`` steps, evenly spaced on a √ axis. Writes ``out`` (self-contained HTML) and ``out`` with
     suffix ``.json`` (every number shown), atomically. The model is never modified.
     """
     analysis.check_uncertainty(by)
