@@ -195,6 +195,41 @@ def _add_quality(sub) -> None:
     p.set_defaults(func=_quality)
 
 
+@_user_errors
+def _report(args: argparse.Namespace) -> int:
+    import time
+
+    from .report import build, mnist_inputs, screenshot
+
+    start = time.perf_counter()
+    model = load_model(args.model, args.checkpoint) if args.model else None
+    model, stores, loader = mnist_inputs(model, args.store_prefix, args.cache, args.batch_size)
+    ready = time.perf_counter()
+    report = build(model, stores, loader, args.out, n=args.n, by=args.by, topk=args.topk, batch_size=args.batch_size)
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.data["seconds"].items() if k != "total_before_writing")
+    print(f"model and stores {ready - start:.1f} s; report {time.perf_counter() - ready:.1f} s ({stages})")
+    if args.screenshot:
+        print(f"screenshot: {screenshot(report.html, args.screenshot)}")
+    print(f"report: {report.html.resolve()}  (numbers: {report.json.name})")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="HTML report explaining the most uncertain and most confident wrong predictions")
+    p.add_argument("--out", default="results/report.html", help="report file; its numbers go to the same name .json")
+    p.add_argument("--n", type=int, default=50, help="images per section (most uncertain, most confident wrong)")
+    p.add_argument("--by", default="margin", choices=("margin", "entropy"), help="uncertainty measure to rank by")
+    p.add_argument("--topk", type=int, default=3, help="classes explained per image (>= 2)")
+    p.add_argument("--model", help="model factory as module:callable (default: the demo's LeNet, trained if needed)")
+    p.add_argument("--checkpoint", help="with --model: state_dict file to load into the model")
+    p.add_argument("--store-prefix", help="signal stores {prefix}_class_{c}.pkl (default: estimate them on the "
+                                          "bundled MNIST train split)")
+    p.add_argument("--cache", default=".cache/lenet_mnist.pt", help="trained LeNet checkpoint (reused)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--screenshot", help="also write a PNG screenshot of the report (needs Chromium)")
+    p.set_defaults(func=_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="untangle-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_estimate(sub)
     _add_attribute(sub)
     _add_quality(sub)
+    _add_report(sub)
     return parser
 
 

@@ -16,6 +16,7 @@ from .data import load_mnist_sample, mnist_sample_loader  # noqa: E402
 from .estimator import SignalEstimator  # noqa: E402
 from .heatmaps import channel_sum, normalise, write_figure  # noqa: E402
 from .models import load_or_train_lenet  # noqa: E402
+from .report import build as build_report  # noqa: E402
 
 DEMO_METHODS = (("pattern_attribution", "PatternAttribution"), ("patternnet", "PatternNet"), ("gradient", "gradient"))
 
@@ -66,4 +67,6 @@ def run_demo(results: Path = Path("results"), cache: Path = Path(".cache/lenet_m
     print(f"wrote {len(paths)} figures to {results.resolve()}/ in {time.perf_counter() - start:.1f} s:")
     for p in paths:
         print(f"  {p}")
+    report = build_report(model, stores, mnist_sample_loader(batch_size, split="test"), results / "report.html", n=20)
+    print(f"report on the 20 most uncertain and 20 most confident wrong test digits: {report.html}")
     return paths
