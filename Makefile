@@ -16,7 +16,7 @@ STAMP        = $(VENV)/.stamp
 ECOSYSTEM    = "captum==0.9.0" "quantus==0.6.0" "nbclient==0.11.0" "nbformat>=5.10" "ipykernel>=7.4" "ipywidgets>=8.1"
 TORCH_STAMP  = $(VENV)/.torch-$(TORCH_SPEC)$(if $(TORCH_INDEX),-custom-index)
 
-.PHONY: venv demo test quality bench clean
+.PHONY: venv demo test quality docs-quality bench clean
 
 venv: $(STAMP)
 
@@ -39,7 +39,11 @@ $(STAMP): pyproject.toml setup.py $(NATIVE_SRC) $(TORCH_STAMP)
 demo: venv
 	$(PY) -m untangle_ext.cli demo
 
+# `make quality` writes to results/quality; `make docs-quality` refreshes the tracked figures in docs/quality.
 quality: venv
+	$(PY) -m untangle_ext.cli quality --out results/quality
+
+docs-quality: venv
 	$(PY) -m untangle_ext.cli quality --out docs/quality
 
 test: venv

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ._progress import bars_off
 from . import distributed
 from .moments import Moments, accumulator_bytes, slots_of
 from .patterns import MeanY, compute_patterns
@@ -109,7 +110,7 @@ class SignalEstimator:
 
         Returns the number of images this rank saw."""
         shard = distributed.shard_batches(batches_of(batches, f"the loader ({desc})"))
-        bar = tqdm(shard, desc=desc, disable=not (self.progress and distributed.is_main()), leave=False)
+        bar = tqdm(shard, desc=desc, disable=bars_off(self.progress and distributed.is_main()), leave=False)
         seen = 0
         for i, batch in enumerate(bar):
             where = f"{desc}, batch {i}"
@@ -138,7 +139,7 @@ class SignalEstimator:
     def fit_per_class(self, loader_fn: Callable[[int], Batches]) -> dict[int, SignalStore]:
         """Estimate each class from its own loader ``loader_fn(c)`` (the tutorial's style)."""
         stores: dict[int, SignalStore] = {}
-        for c in tqdm(self.classes, desc="classes", disable=not self.progress or len(self.classes) == 1):
+        for c in tqdm(self.classes, desc="classes", disable=bars_off(self.progress and len(self.classes) > 1)):
             moments = Moments(self.program, 1)
             self._run(moments, loader_fn(c), lambda labels, x: x.new_zeros(x.shape[0], dtype=torch.long),
                       f"class {c}")
@@ -161,7 +162,7 @@ class SignalEstimator:
         fresh_since = time.time_ns() if overwrite else None  # with overwrite, only files written from now count
         written: dict[int, Path] = {}
         busy = []
-        for c in tqdm(self.classes, desc="classes", disable=not self.progress):
+        for c in tqdm(self.classes, desc="classes", disable=bars_off(self.progress)):
             path = class_store_path(prefix, c)
             if distributed.main_decides(self._is_current, path, fingerprint, c, fresh_since):
                 written[c] = path

@@ -48,8 +48,7 @@ _notices: set[str] = set()
 TopK = tuple[list[float], list[float], list[str], list[int]]  # (logits, probabilities, class names, class ids)
 
 
-class MissingDataError(validation.ArgumentError, FileNotFoundError):
-    """A data folder the caller named does not exist."""
+MissingDataError = validation.MissingDataError
 
 
 class ChecksumError(ValueError):
@@ -90,14 +89,7 @@ def _mnist_dir(data_dir: Optional[PathLike], download: bool) -> Optional[Path]:
     unless ``download`` will create it.
     """
     chosen, name = (data_dir, "data_dir") if data_dir is not None else (os.environ.get(MNIST_DIR_ENV), f"${MNIST_DIR_ENV}")
-    if not chosen:
-        return None
-    path = Path(chosen).expanduser()
-    if not path.is_dir() and not download:
-        raise MissingDataError(f"{name}={os.fspath(chosen)!r}: no such folder ({path.resolve()}). Fix the path, "
-                               "pass download=True (--download) to fetch MNIST into it, or leave it unset to use "
-                               "the bundled 5,000-image sample")
-    return path
+    return validation.data_folder(chosen, name, created=download) if chosen else None
 
 
 def find_idx(data_dir: Path, file_name: str) -> Optional[Path]:

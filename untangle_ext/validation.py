@@ -20,8 +20,10 @@ below with ``name`` = the argument as *their* caller wrote it, so a message says
 from __future__ import annotations
 
 import numbers
+import os
 import re
 import warnings
+from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -63,6 +65,10 @@ class ArgumentError(InputError):
 
 class ClassIdError(ArgumentError):
     """A class id that is not an integer in [0, number of classes)."""
+
+
+class MissingDataError(ArgumentError, FileNotFoundError):
+    """A data folder the caller named does not exist."""
 
 
 class EmptyLoaderError(InputError):
@@ -271,6 +277,18 @@ def image_batch(x: Any, img_size: Optional[Sequence[int]], name: str, size_name:
                               f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     check_shape(x.shape[1:], img_size, name, size_name)
     return x
+
+
+def data_folder(path: Any, name: str, created: bool = False) -> Path:
+    """The folder ``path`` the caller named; a missing one is an error (a typo must not fall back to other data),
+    unless ``created`` (e.g. a download will create it)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir() and not created:
+        flag = "--download" if name.startswith("--") else "download=True"
+        raise MissingDataError(f"{_show(name, os.fspath(path))}: no such folder ({folder.resolve()}). Fix the path, "
+                               f"pass {flag} to fetch MNIST into it, or leave it unset to use the bundled 5,000-image "
+                               "sample")
+    return folder
 
 
 def check_mean_y(mean_y: Any, name: str = "mean_y") -> str:
