@@ -36,7 +36,7 @@ def metrics(seed: int) -> dict[str, tuple[quantus.Metric, str]]:
     """The three metrics, with what 'better' means for each."""
     quiet = {"disable_warnings": True, "display_progressbar": False}
     return {
-        "FaithfulnessCorrelation": (quantus.FaithfulnessCorrelation(nr_runs=50, subset_size=56, perturb_baseline="black",
+        "FaithfulnessCorrelation": (quantus.FaithfulnessCorrelation(nr_runs=50, subset_size=56, perturb_baseline="mean",
                                                                     return_aggregate=False, **quiet), "higher"),
         "RandomLogit": (quantus.RandomLogit(num_classes=10, seed=seed, **quiet), "lower"),
         "MaxSensitivity": (quantus.MaxSensitivity(nr_samples=10, lower_bound=0.1, **quiet), "lower"),
@@ -50,13 +50,14 @@ def explain_kwargs(method: str | None, stores) -> tuple:
     return quantus_explain, {"stores": stores, "method": method}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Print (and with --out write) the table; returns {method: {metric: mean score}}."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=5, help="held-out images per class (default 5)")
     parser.add_argument("--cache", default=".cache/lenet_mnist.pt", help="LeNet checkpoint (the demo's; reused)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the markdown table to this file")
-    opts = parser.parse_args()
+    opts = parser.parse_args(argv)
     start = time.perf_counter()
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed)
@@ -81,6 +82,7 @@ def main() -> None:
           f"{time.perf_counter() - start:.1f} s")
     if opts.out:
         atomic_write(opts.out, lambda f: f.write(text.encode()))
+    return table
 
 
 if __name__ == "__main__":

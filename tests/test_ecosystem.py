@@ -130,3 +130,22 @@ def test_quantus_metric_runs_on_our_attributions(linear, model, stores):
     blank = np.abs(quantus_explain(model, x.numpy(), y.numpy(), stores=stores)).reshape(len(x), -1).max(1) == 0
     assert moving.shape == (len(x),) and np.isnan(moving[blank]).all()  # Quantus divides by |a| (dead tiny net)
     assert np.isfinite(moving[~blank]).all() and moving[~blank].max() > 0 and (~blank).sum() >= 3
+
+
+def test_quantus_table_script(trained_lenet, tmp_path, monkeypatch):
+    """examples/quantus_table.py (the README's table) on 10 images, with the session's LeNet."""
+    pytest.importorskip("quantus", reason="Quantus is not installed (pip install 'untangle-ext[ecosystem]')")
+    import runpy
+    from pathlib import Path
+
+    torch.save(trained_lenet[0].state_dict(), tmp_path / "lenet.pt")
+    script = Path(__file__).resolve().parents[1] / "examples" / "quantus_table.py"
+    main = runpy.run_path(str(script))["main"]
+    table = main(["--per-class", "1", "--cache", str(tmp_path / "lenet.pt"), "--out", str(tmp_path / "t.md")])
+    assert list(table) == ["PatternAttribution", "gradient", "IntegratedGradients (Captum)"]
+    for scores in table.values():
+        assert list(scores) == ["FaithfulnessCorrelation", "RandomLogit", "MaxSensitivity"]
+        assert -1 <= scores["FaithfulnessCorrelation"] <= 1 and -1 <= scores["RandomLogit"] <= 1
+        assert 0 <= scores["MaxSensitivity"] < 10
+    text = (tmp_path / "t.md").read_text()
+    assert text.count("\n") == 5 and "| PatternAttribution | " in text
