@@ -360,12 +360,13 @@ def test_errors_are_clear(tut, tmp_path):
         ua.attribute_signals(model, x, None, str(tmp_path / "nothing"), None, _args(), str(tmp_path / "e"))
     with pytest.raises(FileNotFoundError, match=r"nothing_class_4\.pkl.*estimate_signals"):
         _attribute(model, x, str(tmp_path / "nothing"), 4, _args())
-    with pytest.raises(InputShapeError, match=r"^input_tensor: images have shape \(1, 28, 28\) but args.img_size is \(3, 28, 28\)"):
+    with pytest.raises(InputShapeError, match=r"^input_tensor: images have shape \(1, 28, 28\) \(batch of 1\), expected \(3, 28, 28\) "
+                                              r"\(args.img_size\); fix args.img_size or resize the images"):
         attribute(_args(img_size=(3, 28, 28)))
-    with pytest.raises(InputShapeError, match=r"^input: images have shape \(1, 28, 28\) but args.img_size is \(1, 32, 32\)"):
+    with pytest.raises(InputShapeError, match=r"^input: images have shape \(1, 28, 28\) \(batch of 1\), expected \(1, 32, 32\) \(args.img_size"):
         _attribute(model, x, store, 4, _args(img_size=(1, 32, 32)))
-    with pytest.raises(InputShapeError, match=r"class '3': images have shape \(1, 28, 28\) but args.img_size is "
-                                              r"\(1, 32, 32\); fix args.img_size or resize"):
+    with pytest.raises(InputShapeError, match=r"class '3': images have shape \(1, 28, 28\) \(batch of 4\), expected "
+                                              r"\(1, 32, 32\) \(args.img_size\); fix args.img_size or resize"):
         ua.estimate_signals(model, str(tmp_path / "w"), lambda c: loaders.load_mnist_per_class(4, c, limit=4)[0],
                             _args(img_size=(1, 32, 32), data_class="3"))
     assert not list(tmp_path.glob("w_class_*"))
@@ -425,7 +426,7 @@ def test_cli_estimate_and_attribute(tut, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no signal store"):
         cli.main(["attribute", *model_args, "--store-prefix", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="module:factory"):
-        cli.main(["estimate", "--model", "LeNet", "--store-prefix", str(tmp_path / "c")])
+        cli.main(["estimate", "--model", "LeNet", "--random-weights", "--store-prefix", str(tmp_path / "c")])
 
 
 def test_example_scripts_run_offline(tut, tmp_path, monkeypatch):

@@ -153,7 +153,7 @@ class _CheckedLoader:
             if x is None:
                 continue
             if isinstance(x, torch.Tensor):
-                validation.check_shape(x.shape[1:], self.img_size, f"the loader for class {self.label!r}",
+                validation.check_shape(x.shape, self.img_size, f"the loader for class {self.label!r}",
                                        "args.img_size")
             yield batch if isinstance(batch, (tuple, list)) else (batch, None)
 

@@ -126,13 +126,7 @@ def check_images(x: Any, device: torch.device, dtype: torch.dtype, where: str,
     if x.dim() < 2:
         raise InputShapeError(f"{where}: images of shape {tuple(x.shape)} have no batch dimension; pass a "
                               "batch (B, C, H, W), e.g. x.unsqueeze(0) for one image")
-    if expected is not None and tuple(x.shape[1:]) != tuple(expected):
-        got, want = tuple(x.shape), tuple(expected)
-        if x.dim() != len(want) + 1:
-            raise InputShapeError(f"{where}: got a tensor of shape {got}; expected a batch of images (B, "
-                                  f"{', '.join(map(str, want))}){_shape_hint(got, want)}")
-        raise InputShapeError(f"{where}: images have shape {got[1:]} (batch of {got[0]}), expected {want}"
-                              f"{_shape_hint(got, want)}")
+    check_shape(x.shape, expected, where)
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         first = int(bad.flatten(1).any(1).nonzero()[0])
@@ -249,12 +243,20 @@ def image_size(value: Any, name: str) -> Optional[tuple[int, ...]]:
     return tuple(int(v) for v in size)
 
 
-def check_shape(shape: Sequence[int], expected: Optional[Sequence[int]], where: str, fix: str) -> None:
-    """Raise :class:`InputShapeError` unless one image's ``shape`` (C, H, W) is ``expected`` (None: anything)."""
-    if expected is not None and tuple(shape) != tuple(expected):
-        hint = _shape_hint((1, *shape), tuple(expected))
-        hint = f"; fix {fix} or resize the images" if hint == _RESIZE else hint
-        raise InputShapeError(f"{where}: images have shape {tuple(shape)} but {fix} is {tuple(expected)}{hint}")
+def check_shape(batch_shape: Sequence[int], expected: Optional[Sequence[int]], where: str,
+                source: Optional[str] = None) -> None:
+    """Raise :class:`InputShapeError` unless a batch shaped ``batch_shape`` holds images of shape ``expected``
+    (None: anything); ``source`` names where ``expected`` comes from (e.g. ``args.img_size``)."""
+    got, want = tuple(batch_shape), None if expected is None else tuple(expected)
+    if want is None or got[1:] == want:
+        return
+    hint = _shape_hint(got, want)
+    hint = f"; fix {source} or resize the images" if source and hint == _RESIZE else hint
+    src = f" ({source})" if source else ""
+    if len(got) != len(want) + 1:
+        raise InputShapeError(f"{where}: got a tensor of shape {got}; expected a batch of images (B, "
+                              f"{', '.join(map(str, want))}){src}{hint}")
+    raise InputShapeError(f"{where}: images have shape {got[1:]} (batch of {got[0]}), expected {want}{src}{hint}")
 
 
 def one_image(x: Any, img_size: Optional[Sequence[int]], name: str, size_name: str = "args.img_size") -> torch.Tensor:
@@ -266,7 +268,7 @@ def one_image(x: Any, img_size: Optional[Sequence[int]], name: str, size_name: s
     if batch.dim() != 4 or batch.shape[0] != 1:
         raise InputShapeError(f"{name} has shape {tuple(x.shape)}; expected ONE image shaped (1, C, H, W); call once "
                               "per image (e.g. images[i][None])")
-    check_shape(batch.shape[1:], img_size, name, size_name)
+    check_shape(batch.shape, img_size, name, size_name)
     return batch
 
 
@@ -275,7 +277,7 @@ def image_batch(x: Any, img_size: Optional[Sequence[int]], name: str, size_name:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise InputShapeError(f"{name} must be a tensor (N, C, H, W), got "
                               f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    check_shape(x.shape[1:], img_size, name, size_name)
+    check_shape(x.shape, img_size, name, size_name)
     return x
 
 
