@@ -445,3 +445,21 @@ def test_example_scripts_run_offline(tut, tmp_path, monkeypatch):
     results = sorted(p.name for p in (tmp_path / "results").iterdir())
     assert sum(name.endswith(".JPEG") for name in results) == 7
     assert any(name.endswith("_threshold_sweep.png") for name in results)
+
+
+def test_compat_traces_the_model_once_per_call(tut, tmp_path, monkeypatch):
+    from untangle_ext import trace
+
+    traced = []
+    original = trace.Program.__init__
+    monkeypatch.setattr(trace.Program, "__init__", lambda self, model: traced.append(1) or original(self, model))
+    UntangleAI().attribute_signals(tut.model, tut.x, None, tut.signal_store_path, None, _args(topk=3),
+                                   str(tmp_path / "p"))
+    assert len(traced) == 1
+    traced.clear()
+    _attribute(tut.model, tut.x, tut.signal_store_path, 4, _args())
+    assert len(traced) == 1
+    traced.clear()
+    UntangleAI().estimate_signals(tut.model, str(tmp_path / "e"),
+                                  lambda c: loaders.load_mnist_per_class(8, c, limit=8)[0], _args(data_class=[1, 2]))
+    assert len(traced) == 1
