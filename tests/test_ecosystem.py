@@ -141,7 +141,8 @@ def test_quantus_table_script(trained_lenet, tmp_path, monkeypatch):
     torch.save(trained_lenet[0].state_dict(), tmp_path / "lenet.pt")
     script = Path(__file__).resolve().parents[1] / "examples" / "quantus_table.py"
     main = runpy.run_path(str(script))["main"]
-    table = main(["--per-class", "1", "--cache", str(tmp_path / "lenet.pt"), "--out", str(tmp_path / "t.md")])
+    table = main(["--per-class", "1", "--train-per-class", "30", "--runs", "10", "--cache", str(tmp_path / "lenet.pt"),
+                  "--out", str(tmp_path / "t.md")])
     assert list(table) == ["PatternAttribution", "gradient", "IntegratedGradients (Captum)"]
     for scores in table.values():
         assert list(scores) == ["FaithfulnessCorrelation", "RandomLogit", "MaxSensitivity"]
@@ -149,3 +150,17 @@ def test_quantus_table_script(trained_lenet, tmp_path, monkeypatch):
         assert 0 <= scores["MaxSensitivity"] < 10
     text = (tmp_path / "t.md").read_text()
     assert text.count("\n") == 5 and "| PatternAttribution | " in text
+
+
+def test_quantus_explain_on_randomised_weights_needs_consent(model, stores):
+    from _hardening import tiny_model
+    from untangle_ext import StoreError
+
+    x, y = _inputs()
+    randomised = tiny_model(seed=5)  # same architecture, other weights (what Quantus' randomisation metrics pass)
+    with pytest.raises(StoreError, match="different model weights"):
+        quantus_explain(randomised, x.numpy(), y.numpy(), stores=stores)
+    out = quantus_explain(randomised, x.numpy(), y.numpy(), stores=stores, check_fingerprint=False)
+    expected = Attributor(randomised, stores, check_fingerprint=False).attribute(x, target=y).numpy()
+    np.testing.assert_array_equal(out, expected)
+    assert not np.allclose(out, quantus_explain(model, x.numpy(), y.numpy(), stores=stores))

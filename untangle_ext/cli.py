@@ -112,7 +112,7 @@ def _load_state(model: nn.Module, spec: str, checkpoint: str) -> None:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CliError(f"--checkpoint {checkpoint} does not fit --model {spec}: "
-                       f"{str(exc).splitlines()[0]} (a checkpoint of another model?)") from exc
+                       f"{' '.join(str(exc).split())[:300]} (a checkpoint of another model?)") from exc
 
 
 def _model_from(args: argparse.Namespace) -> nn.Module:

@@ -264,7 +264,7 @@ class UntangleAI:
         if kind == "class":
             return [f"top-{i + 1}: {n} [{c}]  p={p:.3f}" for i, (n, c, p) in enumerate(zip(names, ids, probs))]
         pairs = [(names[0], n) for n in names[1:]]
-        return [f"{kind}: {x} − {y}" if kind == "diff" else f"{kind}: {y} − {x}" for x, y in pairs]
+        return [f"{kind}: {x} - {y}" if kind == "diff" else f"{kind}: {y} - {x}" for x, y in pairs]  # PIL's font: ASCII
 
     def _write_images(self, out_prefix: str, a: CompatArgs, maps: dict[str, torch.Tensor], image: Any,
                       probs: list[float], names: list[str], ids: list[int]) -> list[Path]:
