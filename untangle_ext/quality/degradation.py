@@ -15,6 +15,7 @@ from typing import Mapping, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
+from .._progress import bars_off
 from ..attribution import Attributor
 from ..store import SignalStore
 from ..trace import Program
@@ -119,7 +120,7 @@ def degradation_curve(
     counts = counts.round().long().unique()
     predicted = _logits(program, x, batch_size).argmax(1)
     probs = []
-    for n in tqdm(counts.tolist(), desc=desc, disable=desc is None, leave=False):
+    for n in tqdm(counts.tolist(), desc=desc, disable=bars_off(desc is not None), leave=False):
         degraded = torch.where(ranks < n, fill_t, x)
         p = torch.softmax(_logits(program, degraded, batch_size).double(), 1)
         probs.append(p.gather(1, predicted.unsqueeze(1)).squeeze(1).cpu())
