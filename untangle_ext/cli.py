@@ -281,7 +281,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="HTML report explaining the most uncertain and most confident wrong predictions")
+    p = sub.add_parser("report", help="HTML report explaining the most uncertain and most confident wrong predictions",
+                       formatter_class=_Help)
     p.add_argument("--out", default="results/report.html", help="report file; its numbers go to the same name .json")
     p.add_argument("--n", type=int, default=50, help="images per section (most uncertain, most confident wrong)")
     p.add_argument("--by", default="margin", choices=("margin", "entropy"), help="uncertainty measure to rank by")
@@ -291,7 +292,7 @@ def _add_report(sub) -> None:
     p.add_argument("--store-prefix", help="signal stores {prefix}_class_{c}.pkl (default: estimate them on the "
                                           "bundled MNIST train split)")
     p.add_argument("--cache", default=".cache/lenet_mnist.pt", help="trained LeNet checkpoint (reused)")
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--batch-size", type=int, default=250, help="images per forward pass")
     p.add_argument("--screenshot", help="also write a PNG screenshot of the report (needs Chromium)")
     p.set_defaults(func=_report)
 
