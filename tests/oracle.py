@@ -5,25 +5,29 @@ that the engine's tests compare against first principles.
 """
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 
 
 def conv_patches(x: torch.Tensor, kernel, stride, padding, dilation, groups: int) -> torch.Tensor:
-    """All input patches of a Conv2d, by explicit loops: (N*H'*W', G, C/G*kh*kw), float64."""
+    """All input patches of a ConvNd (1-3 spatial dims), by explicit loops: (N*prod(out), G, C/G*prod(kernel)).
+
+    Rows are ordered by sample, then output position (row-major); float64, zero padding.
+    """
     x = x.double()
-    n, c, h, w = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    xp = torch.zeros(n, c, h + 2 * ph, w + 2 * pw, dtype=torch.float64)
-    xp[:, :, ph:ph + h, pw:pw + w] = x
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    n, c, *size = x.shape
+    padded = [s + 2 * p for s, p in zip(size, padding)]
+    xp = torch.zeros(n, c, *padded, dtype=torch.float64)
+    xp[(slice(None), slice(None), *[slice(p, p + s) for p, s in zip(padding, size)])] = x
+    out = [(s - d * (k - 1) - 1) // st + 1 for s, k, st, d in zip(padded, kernel, stride, dilation)]
     rows = []
     for b in range(n):
-        for i in range(oh):
-            for j in range(ow):
-                window = xp[b, :, i * sh:i * sh + dh * (kh - 1) + 1:dh, j * sw:j * sw + dw * (kw - 1) + 1:dw]
-                rows.append(window.reshape(groups, -1))
-    return torch.stack(rows) if rows else torch.zeros(0, groups, c // groups * kh * kw, dtype=torch.float64)
+        for pos in itertools.product(*[range(o) for o in out]):
+            window = [slice(i * st, i * st + d * (k - 1) + 1, d) for i, st, d, k in zip(pos, stride, dilation, kernel)]
+            rows.append(xp[(b, slice(None), *window)].reshape(groups, -1))
+    return torch.stack(rows) if rows else torch.zeros(0, groups, c // groups * math.prod(kernel), dtype=torch.float64)
 
 
 def _normalise(cov: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
