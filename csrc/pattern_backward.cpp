@@ -1,10 +1,10 @@
 // Device-generic driver of the batched pattern backward (semantics: untangle_ext/_reference.py).
 //
-// N (image, class) pairs, each with its own slot: pairs are grouped by slot in C++
-// (SlotOrder), each slot's segment is reversed with ONE product through that
-// slot's pattern (mm / conv-transpose via convolution_backward), and the rows are
-// scattered back; small conv layers instead run every pair through its own pattern in
-// one grouped call (per_pair). Pairs whose slot lies outside [0, S) get zeros; with
+// N (image, class) pairs through a Linear or a ConvNd (1 to 3 spatial dims), each pair with
+// its own slot: pairs are grouped by slot in C++ (SlotOrder), each slot's segment is reversed
+// with ONE product through that slot's pattern (mm / conv-transpose via convolution_backward),
+// and the rows are scattered back; small conv layers instead run every pair through its own
+// pattern in one grouped call (per_pair). Pairs whose slot lies outside [0, S) get zeros; with
 // S == 1 every pair uses pattern 0 (as the reference does).
 #include "untangle.h"
 
