@@ -12,21 +12,18 @@ import torch
 
 
 def conv_patches(x: torch.Tensor, kernel, stride, padding, dilation, groups: int) -> torch.Tensor:
-    """All input patches of a ConvNd (1-3 spatial dims), by explicit loops: (N*prod(out), G, C/G*prod(kernel)).
-
-    Rows are ordered by sample, then output position (row-major); float64, zero padding.
-    """
+    """All input patches of a ConvNd (N = len(kernel)), by explicit loops: (N*prod(out), G, C/G*prod(kernel))."""
     x = x.double()
     n, c, *size = x.shape
-    padded = [s + 2 * p for s, p in zip(size, padding)]
-    xp = torch.zeros(n, c, *padded, dtype=torch.float64)
-    xp[(slice(None), slice(None), *[slice(p, p + s) for p, s in zip(padding, size)])] = x
-    out = [(s - d * (k - 1) - 1) // st + 1 for s, k, st, d in zip(padded, kernel, stride, dilation)]
+    padded = torch.zeros(n, c, *[s + 2 * p for s, p in zip(size, padding)], dtype=torch.float64)
+    padded[(slice(None), slice(None), *[slice(p, p + s) for s, p in zip(size, padding)])] = x
+    out = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in zip(size, padding, dilation, kernel, stride)]
     rows = []
     for b in range(n):
         for pos in itertools.product(*[range(o) for o in out]):
-            window = [slice(i * st, i * st + d * (k - 1) + 1, d) for i, st, d, k in zip(pos, stride, dilation, kernel)]
-            rows.append(xp[(b, slice(None), *window)].reshape(groups, -1))
+            window = padded[(b, slice(None), *[slice(i * st, i * st + d * (k - 1) + 1, d)
+                                               for i, st, d, k in zip(pos, stride, dilation, kernel)])]
+            rows.append(window.reshape(groups, -1))
     return torch.stack(rows) if rows else torch.zeros(0, groups, c // groups * math.prod(kernel), dtype=torch.float64)
 
 
