@@ -12,9 +12,11 @@ TORCH_INDEX ?=
 PIP          = $(VENV)/bin/pip
 PY           = $(VENV)/bin/python
 STAMP        = $(VENV)/.stamp
+# The [ecosystem] extra, pinned as tested (wheels only; none of them replaces torch): CI runs their tests.
+ECOSYSTEM    = "captum==0.9.0" "quantus==0.6.0" "nbclient==0.11.0" "nbformat>=5.10" "ipykernel>=7.4" "ipywidgets>=8.1"
 TORCH_STAMP  = $(VENV)/.torch-$(TORCH_SPEC)$(if $(TORCH_INDEX),-custom-index)
 
-.PHONY: venv demo test quality bench clean
+.PHONY: venv demo test quality docs-quality bench clean
 
 venv: $(STAMP)
 
@@ -30,13 +32,18 @@ NATIVE_SRC   = $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
 
 $(STAMP): pyproject.toml setup.py $(NATIVE_SRC) $(TORCH_STAMP)
 	$(PIP) install numpy matplotlib pillow tqdm pytest hypothesis ninja "safetensors==0.8.0"
+	$(PIP) install $(ECOSYSTEM)
 	$(PIP) install --no-build-isolation -e .
 	touch $@
 
 demo: venv
 	$(PY) -m untangle_ext.cli demo
 
+# `make quality` writes to results/quality; `make docs-quality` refreshes the tracked figures in docs/quality.
 quality: venv
+	$(PY) -m untangle_ext.cli quality --out results/quality
+
+docs-quality: venv
 	$(PY) -m untangle_ext.cli quality --out docs/quality
 
 test: venv

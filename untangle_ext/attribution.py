@@ -50,6 +50,13 @@ class Explanation:
     def probabilities(self) -> torch.Tensor:
         return torch.softmax(self.logits, dim=1)
 
+    def __repr__(self) -> str:
+        """Shapes and the target classes, not the tensors (a repr of two images was 4 KB)."""
+        shown = self.targets[:4].tolist()
+        more = f" … ({self.targets.shape[0]} images)" if self.targets.shape[0] > 4 else ""
+        return (f"Explanation(attributions={tuple(self.attributions.shape)} {str(self.attributions.dtype)[6:]}, "
+                f"targets={shown}{more}, logits={tuple(self.logits.shape)})")
+
 
 class StoreSet:
     """Per-class stores under a prefix (``{prefix}_class_{c}.pkl``), read on first use, at most ``cache_size`` held.
@@ -275,8 +282,11 @@ def _denormalise(values: torch.Tensor, exponent: torch.Tensor) -> tuple[torch.Te
                   "they are returned normalised (max |value| < 1) and the true map is attributions * "
                   "2**Explanation.scale_exponent. Heatmaps are unaffected (they are normalised anyway)",
                   ScaledAttributionWarning, stacklevel=3)
+    _, e = torch.frexp(vmax)
+    e = torch.where(fits | (vmax == 0), torch.zeros_like(exponent), e.long())
+    normalised = torch.ldexp(values, (-e).view(-1, *([1] * (values.dim() - 1))).to(values.dtype))
     view = fits.view(-1, *([1] * (values.dim() - 1)))
-    return torch.where(view, exact, values), torch.where(fits, torch.zeros_like(exponent), exponent)
+    return torch.where(view, exact, normalised), torch.where(fits, torch.zeros_like(exponent), exponent + e)
 
 
 def _stores_input_shape(stores) -> Optional[tuple[int, ...]]:

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, validation
+from ._progress import bars_off
 from .classwise import class_loader, dataset_labels
 from .files import LOCKS_PER_PASS, write_class_stores
 from .moments import Moments, accumulator_bytes, slots_of
@@ -99,14 +100,9 @@ class SignalEstimator:
         self.program = Program(model, dtype=compute_dtype, leaf_modules=leaf_modules)
         self._checker = InputChecker(self.program, input_shape, pin=True)
         self.num_classes = self.program.num_outputs
-        self.classes = list(range(self.num_classes)) if classes is None else [int(c) for c in classes]
-        bad = [c for c in self.classes if not 0 <= c < self.num_classes]
-        if bad:
-            raise ValueError(f"classes {bad} are out of range: the model has {self.num_classes} outputs")
-        if mean_y not in ("all", "positive"):
-            raise ValueError(f"mean_y must be 'all' or 'positive', not {mean_y!r}")
+        self.classes = validation.class_ids(classes, self.num_classes, "classes") or list(range(self.num_classes))
         self.per_class = per_class
-        self.mean_y = mean_y
+        self.mean_y = validation.check_mean_y(mean_y)
         self.memory_budget = memory_budget
         self.store_dtype = store_dtype
         self.progress = progress
@@ -131,14 +127,18 @@ class SignalEstimator:
 
     # ------------------------------------------------------------------ the pure core: batches → moments → stores
 
-    def _accumulate(self, moments: Moments, batches: Batches, slots_fn, desc: str, shard: bool = True) -> None:
-        """Add ``batches`` (this process's shard of them when ``shard``) to ``moments``, each batch validated."""
+    def _accumulate(self, moments: Moments, batches: Batches, slots_fn, desc: str, shard: bool = True) -> int:
+        """Add ``batches`` (this process's shard of them when ``shard``) to ``moments``, each batch validated;
+        return the number of images seen."""
         batches = batches_of(batches, f"the loader ({desc})")
         bar = tqdm(distributed.shard_batches(batches) if shard else batches, desc=desc,
-                   disable=not self.progress, leave=False)
+                   disable=bars_off(self.progress), leave=False)
+        seen = 0
         for i, batch in enumerate(bar):
             x, labels = self._batch(batch, f"{desc}, batch {i}")
             moments.update(x, slots_fn(labels, x))
+            seen += x.shape[0]
+        return seen
 
     def _batch(self, batch, where: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, labels = split_batch(batch, where)
@@ -178,6 +178,9 @@ class SignalEstimator:
         """
         classes = self.classes if classes is None else list(classes)
         known = dataset_labels(loader, labels) if self.per_class else None
+        if known is not None and known.numel() == 0:
+            raise validation.EmptyLoaderError("the loader's data set is empty, so there is nothing to estimate; "
+                                              "check the dataset (and its filters) behind the loader")
         if known is not None:
             yield from self._by_class(loader, known, distributed.class_share(classes))
             return
@@ -196,7 +199,10 @@ class SignalEstimator:
         for i, chunk in enumerate(chunks):
             moments = Moments(self.program, len(chunk))
             desc = "estimating signals" + (f" (pass {i + 1}/{len(chunks)})" if len(chunks) > 1 else "")
-            self._accumulate(moments, loader, lambda lab, x: self._slots_of(lab, chunk), desc)
+            seen = self._accumulate(moments, loader, lambda lab, x: self._slots_of(lab, chunk), desc)
+            if i == 0 and seen == 0 and distributed.current() is None:
+                raise validation.EmptyLoaderError("the loader yielded no images, so there is nothing to estimate; "
+                                                  "check the dataset (and its filters / sampler) behind the loader")
             self._reduce(moments)
             share = set(distributed.class_share(chunk))
             yield from ((c, s) for c, s in self._stores(moments, chunk) if c in share)
@@ -206,7 +212,8 @@ class SignalEstimator:
         """One pass over ``classes``' samples, class after class; one class of accumulators at a time."""
         warn_empty([c for c in classes if not bool((labels == c).any())])
         per_class, schedule = class_loader(loader, labels, classes)
-        bar = tqdm(per_class, desc="estimating signals (class by class)", disable=not self.progress, leave=False)
+        bar = tqdm(per_class, desc="estimating signals (class by class)", disable=bars_off(self.progress),
+                   leave=False)
         current, moments = None, None
         for i, (batch, c) in enumerate(zip(bar, schedule)):
             x, got = self._batch(batch, f"class {c}, batch {i}")
@@ -233,7 +240,7 @@ class SignalEstimator:
         process estimates its share of the classes alone (whole loaders, no collectives)."""
         classes = self.classes if classes is None else list(classes)
         mine = distributed.class_share(classes)
-        for c in tqdm(mine, desc="classes", disable=not self.progress or len(mine) == 1):
+        for c in tqdm(mine, desc="classes", disable=bars_off(self.progress and len(mine) > 1)):
             moments = Moments(self.program, 1)
             batches = loader_fn(c)
             distributed.check_whole(batches, c)
