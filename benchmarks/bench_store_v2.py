@@ -61,6 +61,8 @@ def lazy(out: Path, classes: int = 1000) -> dict:
     program = Program(model)
     fp, sig = model_fingerprint(model), layer_signature(program)
     for c in range(classes):  # random patterns: the timing does not depend on their values
+        if class_store_path(out / "k", c).exists():  # resumed from an earlier, interrupted run
+            continue
         pats = {l.name: {"a_pos": torch.randn_like(l.weight), "n_pos": torch.ones(l.out_features, dtype=torch.float64),
                          "n": torch.tensor(2.0, dtype=torch.float64)} for l in program.layers}
         SignalStore(c, pats, sig, fp, 2, input_shape=[1, 28, 28]).save(class_store_path(out / "k", c))
@@ -88,8 +90,16 @@ def lazy(out: Path, classes: int = 1000) -> dict:
 
 
 if __name__ == "__main__":
+    import sys
+
     with tempfile.TemporaryDirectory() as d:
-        res = {"formats (LeNet/MNIST)": formats(Path(d)), "lazy attribution": lazy(Path(d))}
+        where = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(d)  # bench_store_v2.py [lazy|formats|all] [dir]
+        part = sys.argv[1] if len(sys.argv) > 1 else "all"
+        res = {}
+        if part in ("formats", "all"):
+            res["formats (LeNet/MNIST)"] = formats(where)
+        if part in ("lazy", "all"):
+            res["lazy attribution"] = lazy(where)
     Path("results").mkdir(exist_ok=True)
-    Path("results/bench_store_v2.json").write_text(json.dumps(res, indent=2))
+    Path(f"results/bench_store_v2_{part}.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
