@@ -136,6 +136,7 @@ class Attributor:
             input_shape = self.lazy.get(self.lazy.classes[0], self._check_lazy).input_shape
         self._checker = InputChecker(self.program, input_shape or _stores_input_shape(self.stores.values()))
         self._banks: dict[tuple[str, str], tuple[dict[str, torch.Tensor], dict[int, int]]] = {}
+        self._slots: dict[tuple[str, str], tuple[dict[str, torch.Tensor], OrderedDict[int, int]]] = {}
 
     @classmethod
     def from_prefix(cls, model: nn.Module, prefix: "os.PathLike[str] | str", classes: Optional[Iterable[int]] = None,
@@ -186,17 +187,34 @@ class Attributor:
 
     def _lazy_bank(self, targets: torch.Tensor, method: Method,
                    estimator: Estimator) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
-        """The bank of just the classes in ``targets``, read through the LRU store set."""
+        """A bank of ``cache_size`` class slots, filled through the LRU store set as classes are first needed.
+
+        A class read from disk is copied into a free slot (or the least recently used one), so a
+        call whose classes are all held stacks nothing; one that needs more classes than slots
+        gets a bank of its own classes for that call.
+        """
         needed = sorted(set(targets.reshape(-1).tolist()))
         if self.lazy.keys != (_PATTERN_KEY[estimator],):
             raise ValueError(f"this attributor reads {self.lazy.keys} patterns; build it with "
                              f"Attributor.from_prefix(..., estimator={estimator!r})")
-        key = (method, estimator, tuple(needed))
-        if key not in self._banks:  # the last call's bank is kept: repeated explanations of one image reuse it
+        if len(needed) > self.lazy.cache_size:
             stores = [self.lazy.get(c, self._check_lazy) for c in needed]
             self.lazy.trim()
-            self._banks = {key: self._stack(stores, method, estimator)}
-        return self._banks[key]
+            return self._stack(stores, method, estimator)
+        bank, slot_of = self._slots.setdefault((method, estimator), ({}, OrderedDict()))
+        for c in needed:
+            if c in slot_of:
+                slot_of.move_to_end(c)
+                continue
+            one, _ = self._stack([self.lazy.get(c, self._check_lazy)], method, estimator)
+            self.lazy.trim()
+            slot = slot_of.popitem(last=False)[1] if len(slot_of) >= self.lazy.cache_size else len(slot_of)
+            for name, t in one.items():
+                if name not in bank:
+                    bank[name] = t.new_zeros((self.lazy.cache_size, *t.shape[1:]))
+                bank[name][slot] = t[0]
+            slot_of[c] = slot
+        return bank, dict(slot_of)
 
     def _pair_slots(self, targets: torch.Tensor, slot_of: dict[int, int], method: Method) -> torch.Tensor:
         flat = targets.reshape(-1)
@@ -206,7 +224,7 @@ class Attributor:
         if missing:
             raise KeyError(f"no signal store for classes {missing}; estimate those classes first "
                            f"(stores exist for {sorted(slot_of)})")
-        return slots_of(flat, list(slot_of), self.num_classes)
+        return slots_of(flat, sorted(slot_of, key=slot_of.get), self.num_classes)  # position = slot
 
     def _targets(self, logits: torch.Tensor, target, topk: int) -> torch.Tensor:
         """(B, k) class ids: the top-k predictions, or the given targets."""
