@@ -114,6 +114,9 @@ def test_lazy_attribution_equals_eager_and_bounds_the_cache(tmp_path):
     loads = lazy.lazy.loads
     lazy.explain(x[24:26], topk=2)  # warm: same classes, nothing read
     assert lazy.lazy.loads == loads
+    small = Attributor.from_prefix(model(), tmp_path / "net", cache_size=2)  # a call needing 4 > 2 classes
+    assert torch.equal(small.explain(x[:2], topk=2).attributions, eager.explain(x[:2], topk=2).attributions)
+    assert len(small.lazy.cached) <= 2
     with pytest.raises(ValueError, match="estimator='linear'"):
         lazy.explain(x[:2], estimator="linear")
     assert isinstance(lazy.lazy, StoreSet)
