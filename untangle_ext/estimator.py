@@ -222,7 +222,7 @@ class SignalEstimator:
                 continue
             patterns = {}
             for name, lm in moments.layers.items():
-                p = compute_patterns(lm, slot, self.mean_y)
+                p = compute_patterns(lm, slot, self.mean_y, dtype=self.store_dtype)
                 patterns[name] = {k: (v.to(self.store_dtype) if k.startswith("a_") else v) for k, v in p.items()}
             out[class_id] = SignalStore(class_id, patterns, signature, fingerprint, images, options,
                                         input_shape=self._checker.expected)
