@@ -75,12 +75,11 @@ def _moments(name: str, slots: int = 2) -> tuple[Program, Moments]:
     return program, moments
 
 
-@pytest.mark.parametrize("block_bytes", [8, 1 << 10, patterns.BLOCK_BYTES])
+@pytest.mark.parametrize("block", [1, 100, patterns.BLOCK_ELEMENTS])
 @pytest.mark.parametrize("mean_y", ["all", "positive"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_blocked_patterns_bit_identical_to_whole_layer_formulas(name, mean_y, block_bytes, monkeypatch):
-    monkeypatch.setattr(patterns, "BLOCK_BYTES", block_bytes)
-    monkeypatch.setattr(patterns, "_MIN_ROWS", 1 if block_bytes == 8 else patterns._MIN_ROWS)
+def test_blocked_patterns_bit_identical_to_whole_layer_formulas(name, mean_y, block, monkeypatch):
+    monkeypatch.setattr(patterns, "BLOCK_ELEMENTS", block)  # 1: one row per thread; 100: a few rows
     program, moments = _moments(name)
     for lm in moments.layers.values():
         for slot in range(moments.num_slots):

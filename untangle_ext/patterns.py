@@ -20,10 +20,11 @@ from .moments import LayerMoments
 MeanY = Literal["all", "positive"]
 #: Relative size below which ``w^T cov`` counts as zero (a dead neuron).
 _DEAD = 1e-12
-#: Bytes of one float64 block temporary (5 live at once: they stay in L2/L3 instead of RAM).
-BLOCK_BYTES = 1 << 19
-#: Fewest rows per block: a 1-row reduction may be split over threads and round differently.
-_MIN_ROWS = 8
+#: Elements of one float64 block temporary (5 live at once, in L2 instead of RAM): below PyTorch's
+#: grain size (32768), so each op runs on one thread with no barrier (on a loaded machine 2-thread
+#: ops on 1 MB blocks were measured 10x slower) and each row is reduced serially, as in the
+#: whole-layer formulas (a row longer than this is blocked with >= one row per thread instead).
+BLOCK_ELEMENTS = (1 << 15) - 1
 
 
 class _Regime(NamedTuple):
@@ -79,8 +80,9 @@ def _normalise_(cov: torch.Tensor, tmp: torch.Tensor, w: torch.Tensor, w_norm: t
 
 
 def _block_rows(kg: int, dg: int) -> int:
-    """Neurons per block: as many rows as fit in :data:`BLOCK_BYTES`, at least :data:`_MIN_ROWS`."""
-    return min(kg, max(_MIN_ROWS, BLOCK_BYTES // (8 * max(dg, 1))))
+    """Neurons per block: as many rows as fit in :data:`BLOCK_ELEMENTS`, else one row per thread."""
+    rows = BLOCK_ELEMENTS // max(dg, 1)
+    return min(kg, rows if rows >= 1 else torch.get_num_threads())
 
 
 def compute_patterns(lm: LayerMoments, slot: int, mean_y: MeanY = "all",
