@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from untangle_ext import backend
 from untangle_ext._io import atomic_write
 
 from .measure import current_rss, forward_profile, gemm_rate, machine_info, peak_rss, time_repeats
@@ -257,7 +258,7 @@ def markdown(doc: dict) -> str:
             rows.append(f"| {name} | attribution {k} vs Captum Saliency | {value} | ≥ 95% of bound |")
     m = doc["machine"]
     head = (f"Commit {doc['commit']}, {m['cpu']} ({m['cores']} cores, {m['threads']} threads), torch {m['torch']}, "
-            f"load average {m['loadavg_1_5_15'][0]:.1f} at start{' (quick sizes: not comparable)' if doc['quick'] else ''}.")
+            f"backend {doc['backend']['name']}, load average {m['loadavg_1_5_15'][0]:.1f} at start{' (quick sizes: not comparable)' if doc['quick'] else ''}.")
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
@@ -311,7 +312,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"schema": "untangle_ext-realmodels/1", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "commit": git_revision(), "machine": machine_info(), "quick": args.quick, "config": cfg, "models": {}}
+           "commit": git_revision(), "machine": machine_info(), "backend": dataclasses.asdict(backend()),
+           "quick": args.quick, "config": cfg, "models": {}}
     for name in args.models:
         cmd = [sys.executable, "-m", "benchmarks.realmodels", "--worker", name] + (["--quick"] if args.quick else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
