@@ -69,14 +69,14 @@ def _cov_into(out: torch.Tensor, tmp: torch.Tensor, sxy: torch.Tensor, sx: torch
         out.add_(tmp)
 
 
-def _normalise_(cov: torch.Tensor, tmp: torch.Tensor, w: torch.Tensor, w_norm: torch.Tensor,
-                alive: torch.Tensor) -> None:
-    """``cov /= w_k^T cov_k`` in place; rows whose neuron is dead or whose denominator vanishes become zero."""
+def _normalise_into(dst: torch.Tensor, cov: torch.Tensor, tmp: torch.Tensor, w: torch.Tensor,
+                    w_norm: torch.Tensor, alive: torch.Tensor) -> None:
+    """``dst = cov / (w_k^T cov_k)`` (rounded once to ``dst``'s dtype); rows of dead neurons or vanishing denominators are zero."""
     den = torch.mul(w, cov, out=tmp).sum(1)
     scale = w_norm * cov.norm(dim=1)
     ok = alive & torch.isfinite(den) & (den.abs() > _DEAD * scale) & (den != 0)
-    cov.div_(torch.where(ok, den, torch.ones_like(den)).unsqueeze(1))
-    cov.masked_fill_(~ok.unsqueeze(1), 0.0)
+    torch.div(cov, torch.where(ok, den, torch.ones_like(den)).unsqueeze(1), out=dst)
+    dst.masked_fill_(~ok.unsqueeze(1), 0.0)
 
 
 def _block_rows(kg: int, dg: int) -> int:
@@ -112,11 +112,8 @@ def compute_patterns(lm: LayerMoments, slot: int, mean_y: MeanY = "all",
             torch.sub(sx_g, spx[gi, rs], out=dx)
             sums = ((sxy[gi, rs], sx_g), (spxy[gi, rs], spx[gi, rs]), (dxy, dx))
             for (s_xy, s_x), r, o in zip(sums, regimes, out):
-                dst = o[gi, rs] if dtype == torch.float64 else cov
-                _cov_into(dst, tmp, s_xy, s_x, shift_g, r, gi, rs)
-                _normalise_(dst, tmp, wb, w_norm, r.alive[gi, rs])
-                if dst is cov:
-                    o[gi, rs].copy_(cov)
+                _cov_into(cov, tmp, s_xy, s_x, shift_g, r, gi, rs)
+                _normalise_into(o[gi, rs], cov, tmp, wb, w_norm, r.alive[gi, rs])
     shape = layer.weight.shape
     n_pos = lm.field("pos_n")[slot]
     return {
