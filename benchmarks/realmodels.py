@@ -299,13 +299,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--tag", default=None, help="file name of the .json/.md (default: realmodels[-quick])")
     p.add_argument("--no-history", action="store_true", help="do not append to history.jsonl")
+    p.add_argument("--no-attribution", action="store_true", help="skip attribution (VGG-16 k = 10 is ~50 forwards)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = sizes(args.quick)
+    cfg = {**sizes(args.quick), "topk": [] if args.no_attribution else sizes(args.quick)["topk"]}
     if args.worker:  # child: one model, JSON on the last stdout line
         print(json.dumps(run_model(args.worker, cfg)))
         return 0
@@ -315,7 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
            "commit": git_revision(), "machine": machine_info(), "backend": dataclasses.asdict(backend()),
            "quick": args.quick, "config": cfg, "models": {}}
     for name in args.models:
-        cmd = [sys.executable, "-m", "benchmarks.realmodels", "--worker", name] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, "-m", "benchmarks.realmodels", "--worker", name]
+        cmd += [flag for flag, on in (("--quick", args.quick), ("--no-attribution", args.no_attribution)) if on]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         if proc.returncode != 0:
             raise SystemExit(f"realmodels worker {name} failed:\n{proc.stderr[-3000:]}")
