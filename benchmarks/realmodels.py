@@ -284,7 +284,7 @@ def plot_trend(history: Path, out: Path) -> None:
         pts = [(i, r["ratios"][key]) for i, r in enumerate(full) if key in r["ratios"]]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
     ax.set_xticks(range(len(full)), [f"{r['commit'][:7]}\n{r['date'][5:10]}" for r in full], fontsize=7)
-    ax.set_ylabel("ratio (1 = target reference)")
+    ax.set_ylabel("ratio (definitions: benchmarks/README.md)")
     ax.set_title("untangle_ext real-model benchmarks: key ratios per run")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
