@@ -31,8 +31,10 @@ from .validation import InputChecker, batches_of, check_labels, split_batch, war
 Batches = Iterable[Sequence[torch.Tensor]]
 
 
-def _available_memory() -> int:
-    """Bytes of memory available now (MemAvailable), or 8 GiB where unknown."""
+def _available_memory(device: torch.device = torch.device("cpu")) -> int:
+    """Bytes free now where the accumulators live: the GPU's free memory on CUDA, else MemAvailable (8 GiB if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -43,9 +45,10 @@ def _available_memory() -> int:
     return 8 << 30
 
 
-def chunk_classes(classes: Sequence[int], per_class_bytes: int, budget: Optional[int]) -> list[list[int]]:
-    """Split ``classes`` into chunks whose accumulators fit ``budget`` bytes (default: half the free RAM)."""
-    budget = budget if budget is not None else _available_memory() // 2
+def chunk_classes(classes: Sequence[int], per_class_bytes: int, budget: Optional[int],
+                  device: torch.device = torch.device("cpu")) -> list[list[int]]:
+    """Split ``classes`` into chunks whose accumulators fit ``budget`` bytes (default: half the free memory of ``device``)."""
+    budget = budget if budget is not None else _available_memory(device) // 2
     size = max(1, budget // max(per_class_bytes, 1))
     return [list(classes[i:i + size]) for i in range(0, len(classes), size)]
 
@@ -97,7 +100,7 @@ class SignalEstimator:
     def _chunks(self) -> list[list[int]]:
         if not self.per_class:
             return [[ALL_CLASSES]]
-        return chunk_classes(self.classes, accumulator_bytes(self.program), self.memory_budget)
+        return chunk_classes(self.classes, accumulator_bytes(self.program), self.memory_budget, self.device)
 
     def _slots_of(self, labels: torch.Tensor, chunk: list[int]) -> torch.Tensor:
         """Map labels to accumulator slots of ``chunk`` (-1 = not in this chunk)."""
@@ -227,7 +230,7 @@ class SignalEstimator:
                 continue
             patterns = {}
             for name, lm in moments.layers.items():
-                p = compute_patterns(lm, slot, self.mean_y)
+                p = compute_patterns(lm, slot, self.mean_y, dtype=self.store_dtype)
                 patterns[name] = {k: (v.to(self.store_dtype) if k.startswith("a_") else v) for k, v in p.items()}
             out[class_id] = SignalStore(class_id, patterns, signature, fingerprint, images, options,
                                         input_shape=self._checker.expected)
