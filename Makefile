@@ -16,7 +16,7 @@ STAMP        = $(VENV)/.stamp
 ECOSYSTEM    = "captum==0.9.0" "quantus==0.6.0" "nbclient==0.11.0" "nbformat>=5.10" "ipykernel>=7.4" "ipywidgets>=8.1"
 TORCH_STAMP  = $(VENV)/.torch-$(TORCH_SPEC)$(if $(TORCH_INDEX),-custom-index)
 
-.PHONY: venv demo test quality docs-quality bench clean
+.PHONY: venv demo test quality docs-quality bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -32,7 +32,7 @@ NATIVE_SRC   = $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
 
 $(STAMP): pyproject.toml setup.py $(NATIVE_SRC) $(TORCH_STAMP)
 	$(PIP) install numpy matplotlib pillow tqdm pytest hypothesis ninja "safetensors==0.8.0"
-	$(PIP) install $(ECOSYSTEM)
+	$(PIP) install $(ECOSYSTEM)  # captum is also the Saliency baseline of the benchmarks
 	$(PIP) install --no-build-isolation -e .
 	touch $@
 
@@ -49,11 +49,18 @@ docs-quality: venv
 test: venv
 	$(PY) -m pytest -q -x --durations=15
 
-# `make bench` runs the full suite (< 10 min on 2 idle cores); `make bench BENCH_ARGS=--quick` (< 1 min).
-# Captum's Saliency baseline is measured only when captum is installed (.venv/bin/pip install captum).
+# `make bench` runs the full suite (< 10 min on 2 idle cores), then the real-model benchmarks (ResNet-50,
+# VGG-16 at 224: appends benchmarks/results/history.jsonl, redraws trend.png); `BENCH_ARGS=--quick` (< 1 min each).
 BENCH_ARGS ?=
 bench: venv
 	$(PY) -m untangle_ext.cli bench $(BENCH_ARGS)
+	$(PY) -m benchmarks.realmodels $(filter --quick,$(BENCH_ARGS))
+
+# On a CUDA machine (<= 8 min once the venv is built): `make TORCH_SPEC=2.14.1 gpu-check` builds the
+# extension against a CUDA torch, runs the CUDA tests and GPU benchmarks (LeNet, VGG-style, VGG-16 and
+# ResNet-50 at 224) and writes benchmarks/results/<gpu>.json and .md; it exits 1 (saying why) elsewhere.
+gpu-check: venv
+	$(PY) -m benchmarks.gpucheck
 
 clean:
 	rm -rf build dist *.egg-info untangle_ext/_C*.so $(VENV) .pytest_cache .hypothesis results .cache

@@ -43,8 +43,10 @@ class MultiPassWarning(UserWarning):
     """The loader's data set does not expose its labels, so estimation reads it once per chunk of classes."""
 
 
-def _available_memory() -> int:
-    """Bytes of memory available now (MemAvailable), or 8 GiB where unknown."""
+def _available_memory(device: torch.device = torch.device("cpu")) -> int:
+    """Bytes free now where the accumulators live: the GPU's free memory on CUDA, else MemAvailable (8 GiB if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -55,9 +57,10 @@ def _available_memory() -> int:
     return 8 << 30
 
 
-def chunk_classes(classes: Sequence[int], per_class_bytes: int, budget: Optional[int]) -> list[list[int]]:
-    """Split ``classes`` into chunks whose accumulators fit ``budget`` bytes (default: half the free RAM)."""
-    budget = budget if budget is not None else _available_memory() // 2
+def chunk_classes(classes: Sequence[int], per_class_bytes: int, budget: Optional[int],
+                  device: torch.device = torch.device("cpu")) -> list[list[int]]:
+    """Split ``classes`` into chunks whose accumulators fit ``budget`` bytes (default: half the free memory of ``device``)."""
+    budget = budget if budget is not None else _available_memory(device) // 2
     size = max(1, budget // max(per_class_bytes, 1))
     return [list(classes[i:i + size]) for i in range(0, len(classes), size)]
 
@@ -163,7 +166,7 @@ class SignalEstimator:
                 continue
             patterns = {}
             for name, lm in moments.layers.items():
-                p = compute_patterns(lm, slot, self.mean_y)
+                p = compute_patterns(lm, slot, self.mean_y, dtype=self.store_dtype)
                 patterns[name] = {k: (v.to(self.store_dtype) if k.startswith("a_") else v) for k, v in p.items()}
             yield class_id, SignalStore(class_id, patterns, signature, self.fingerprint, images, options,
                                         input_shape=self._checker.expected)
@@ -184,8 +187,8 @@ class SignalEstimator:
         if known is not None:
             yield from self._by_class(loader, known, distributed.class_share(classes))
             return
-        chunks = chunk_classes(classes, accumulator_bytes(self.program), self.memory_budget) if self.per_class \
-            else [[ALL_CLASSES]]
+        chunks = chunk_classes(classes, accumulator_bytes(self.program), self.memory_budget, self.device) \
+            if self.per_class else [[ALL_CLASSES]]
         if len(chunks) > 1:
             if iter(loader) is loader:
                 raise ValueError(

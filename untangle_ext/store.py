@@ -26,6 +26,7 @@ import math
 import os
 import pickle
 import re
+import weakref
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,15 +114,43 @@ class StoreKeyError(StoreError, KeyError):
         return str(self.args[0])
 
 
+#: Per model: (the state key it was last hashed under, its digest); see :func:`model_fingerprint`.
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+#: Values per tensor kept to notice writes that bypass the version counter (``p.data.copy_``, numpy views).
+_SAMPLE = 64
+
+
+def _state_key(model: nn.Module) -> tuple:
+    """What identifies the current weights cheaply: each tensor's identity, storage, version counter and a sample."""
+    key = []
+    for name, t in model.state_dict(keep_vars=True).items():
+        if isinstance(t, torch.Tensor):
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // _SAMPLE)
+            sample = flat[::step].cpu().contiguous().view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+            key.append((name, id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), sample))
+    return tuple(key)
+
+
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and values of the model's state_dict."""
+    """sha256 over the names, shapes, dtypes and values of the model's state_dict, hashed once per weight state.
+
+    The digest is cached per model and reused while every tensor is the same object with the same
+    storage, autograd version counter (bumped by in-place writes such as ``load_state_dict``) and
+    sampled values, so a run that asks for every class or every call pays the hash once.
+    """
+    key = _state_key(model)
+    cached = _FINGERPRINTS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         if not isinstance(t, torch.Tensor):
             continue
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    _FINGERPRINTS[model] = (key, h.hexdigest())
+    return _FINGERPRINTS[model][1]
 
 
 def layer_signature(program: Program) -> list[dict[str, Any]]:
