@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from untangle_ext.zoo import import_torchvision
+from untangle_ext.zoo import check_data, import_torchvision
 
 SIZE = 32  # every tiny model takes 3 x 32 x 32 inputs
 
@@ -57,9 +57,9 @@ def googlenet() -> nn.Module:
 
 
 def inception() -> nn.Module:
-    """Inception-v3: torchvision's InceptionA (1x1, 5x5, double 3x3 and avg-pool branches, cat)."""
+    """Inception-v3: max-pool, then torchvision's InceptionA (1x1, 5x5, double 3x3 and avg-pool branches, cat)."""
     i = import_torchvision().models.inception
-    return nn.Sequential(_stem(8), i.InceptionA(8, pool_features=4), _head(64 + 64 + 96 + 4))
+    return nn.Sequential(_stem(8), nn.MaxPool2d(2), i.InceptionA(8, pool_features=4), _head(64 + 64 + 96 + 4))
 
 
 def shufflenet() -> nn.Module:
@@ -96,9 +96,19 @@ def efficientnet() -> nn.Module:
     return e.EfficientNet(cfg, dropout=0.2, stochastic_depth_prob=0.2, num_classes=10, last_channel=32)
 
 
+class _SpatialMean(nn.Module):
+    """MNASNet's head reduction, ``x.mean([2, 3])``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean([2, 3])
+
+
 def mnasnet() -> nn.Module:
-    """MNASNet: torchvision's class at alpha 0.25 (depthwise inverted residuals, ``.mean([2, 3])``)."""
-    return import_torchvision().models.MNASNet(0.25, num_classes=10)
+    """MNASNet: torchvision's _InvertedResidual blocks (3x3 and strided 5x5 depthwise) and ``.mean([2, 3])``."""
+    import_torchvision()
+    m = importlib.import_module("torchvision.models.mnasnet")
+    return nn.Sequential(_stem(8), m._InvertedResidual(8, 8, 3, 1, 3, 0.1), m._InvertedResidual(8, 16, 5, 2, 3, 0.1),
+                         _SpatialMean(), nn.Linear(16, 10))
 
 
 def convnext() -> nn.Module:
@@ -129,8 +139,8 @@ def vit() -> nn.Module:
 
 def maxvit() -> nn.Module:
     """MaxViT: torchvision's class at width 8, partition 2 (MBConv + SE, block and grid attention)."""
-    return import_torchvision().models.MaxVit((SIZE, SIZE), stem_channels=8, partition_size=2, block_channels=[8, 16],
-                                              block_layers=[1, 1], head_dim=4, stochastic_depth_prob=0.1,
+    return import_torchvision().models.MaxVit((SIZE, SIZE), stem_channels=8, partition_size=2, block_channels=[8],
+                                              block_layers=[1], head_dim=4, stochastic_depth_prob=0.1,
                                               num_classes=10)
 
 
@@ -139,7 +149,21 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {f.__name__: f for f in (
     efficientnet, mnasnet, convnext, swin, swin_v2, vit, maxvit)}
 
 
+def _head_bias(model: nn.Module) -> torch.Tensor:
+    """The bias of the (last registered) layer with 10 outputs, the classifier; added where it has none (MaxViT)."""
+    head = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.shape[0] == 10][-1]
+    if head.bias is None:
+        head.bias = nn.Parameter(torch.zeros(10))
+    return head.bias
+
+
 def build(family: str, seed: int = 0) -> nn.Module:
-    """The tiny model of ``family``, seeded, in eval mode."""
+    """The tiny model of ``family``, seeded, in eval mode, its last bias shifted so that every logit of the
+    zoo check's inputs is ≥ 1 (a negative logit closes the last layer's gate: its pattern maps are 0)."""
     torch.manual_seed(seed)
-    return FAMILIES[family]().eval()
+    model = FAMILIES[family]().eval()
+    loader, x_attr, _ = check_data((3, SIZE, SIZE))
+    with torch.no_grad():
+        low = min(float(model(x).min()) for x in (x_attr, *(batch[0] for batch in loader)))
+        _head_bias(model).add_(1.0 - low)
+    return model

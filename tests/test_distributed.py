@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from untangle_ext import SignalEstimator, SignalStore, distributed
 from untangle_ext.compat import _CheckedLoader
-from untangle_ext.moments import Moments
+from untangle_ext.moments import VEC_FIELDS, Moments
 from untangle_ext.store import class_store_path
 from untangle_ext.trace import Program
 
@@ -162,8 +162,8 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def vec_rows(vec: torch.Tensor) -> torch.Tensor:
-    """``vec`` (S, 5K+1) as rows of one field each, the count padded into a row of its own."""
-    fields = vec[:, :-1].unflatten(1, (5, -1))
+    """``vec`` (S, F·K+1) as rows of one field each, the count padded into a row of its own."""
+    fields = vec[:, :-1].unflatten(1, (len(VEC_FIELDS), -1))
     count = torch.nn.functional.pad(vec[:, -1:], (0, fields.shape[-1] - 1)).unsqueeze(1)
     return torch.cat([fields, count], dim=1)
 

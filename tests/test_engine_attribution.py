@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from untangle_ext import ALL_CLASSES, Attributor, SignalEstimator, SignalStore, UnsupportedModelError
 from untangle_ext.models import LeNet, residual_net, vgg_style_net
-from untangle_ext.trace import Program, Tape
+from untangle_ext.rules import Tape
+from untangle_ext.trace import Program
 
 
 def _randomise_batchnorm(model: nn.Module) -> None:
@@ -124,19 +125,18 @@ def test_reverse_pass_is_linear_in_the_seed():
     logits = program.forward(x, tape=tape)
     k = 2
     slots = torch.tensor([0, 1, 1, 0, 0, 1])
-    from untangle_ext import ops
 
-    def reverse(layer, grad):
-        if layer.kind == "linear":
-            return ops.pattern_backward_linear(grad, weights[layer.name], slots)
-        step = program.step_of[layer.name]
-        return ops.pattern_backward_conv2d(grad, weights[layer.name], slots, tape.shapes[step][2:], layer.stride,
-                                           layer.padding, layer.dilation, layer.groups)
+    def reverse(layer, grad, input_shape):
+        return layer.reverse(grad, weights[layer.name], slots, input_shape)
+
+    def run(seed):
+        values, exponent = program.backward(tape, seed, k, reverse)
+        return torch.ldexp(values, exponent.view(-1, 1, 1, 1).double())
 
     s1 = torch.randn(3 * k, logits.shape[1], dtype=torch.float64, generator=g)
     s2 = torch.randn(3 * k, logits.shape[1], dtype=torch.float64, generator=g)
-    r1, r2 = program.backward(tape, s1, k, reverse), program.backward(tape, s2, k, reverse)
-    r12 = program.backward(tape, 2.5 * s1 - 0.75 * s2, k, reverse)
+    r1, r2 = run(s1), run(s2)
+    r12 = run(2.5 * s1 - 0.75 * s2)
     torch.testing.assert_close(r12, 2.5 * r1 - 0.75 * r2, rtol=1e-10, atol=1e-12)
     assert r1.abs().max() > 0
 
@@ -175,13 +175,45 @@ def test_public_calls_leave_the_model_bit_identical():
     assert torch.equal(model(x), reference.eval()(x))
 
 
-def test_unsupported_layers_are_named():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2))
-    with pytest.raises(UnsupportedModelError, match=r"'1' \(Sigmoid\).*Supported"):
+class _Branchy(nn.Module):
+    """A block whose forward branches on a tensor value: fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x, y):
+        return self.fc(x + y)
+
+
+class _Assigns(nn.Module):
+    def forward(self, x):
+        x = x.clone()
+        x[:, 0] = 0
+        return x
+
+
+def test_untraceable_constructs_are_named_with_a_workaround():
+    model = nn.Sequential(nn.Linear(4, 4), _Branchy(), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModelError, match=r"module '1' \(_Branchy\).*leaf_modules"):
         Program(model)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2, 2))
-    with pytest.raises(UnsupportedModelError, match=r"'2' \(BatchNorm2d\) must directly follow"):
-        Program(model)
+    program = Program(model, leaf_modules=[_Branchy])  # the workaround: one op, reversed with its gradient
+    assert [layer.name for layer in program.layers] == ["0", "2"]
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(program.forward(x), model(x))
+    with pytest.raises(UnsupportedModelError, match=r"module '1' \(_Assigns\).*in-place ops on views"):
+        Program(nn.Sequential(nn.Linear(4, 4), _Assigns(), nn.Linear(4, 2)))
+    with pytest.raises(UnsupportedModelError, match="more than one input"):
+        Program(_TwoInputs())
 
 
 def test_bad_targets_and_missing_stores():

@@ -12,9 +12,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples"
 import eeg_conv1d  # noqa: E402
 import tabular_mlp  # noqa: E402
 
-CONV1D = pytest.mark.xfail(strict=False, reason="engine: Conv1d unsupported")
-
-
 @pytest.fixture(scope="module")
 def tabular():
     return tabular_mlp.run(epochs=20)
@@ -40,15 +37,14 @@ def test_tabular_maps_finite_and_gradient_is_autograd(tabular):
     assert result["gradient_error"] <= GRADIENT_TOLERANCE
 
 
-@CONV1D
 def test_eeg_attribution_on_informative_channels(eeg):
     """2 of 8 channels carry the class's oscillation: the pattern methods put most mass on them."""
     assert eeg["accuracy"] >= 0.8
-    assert eeg["share"]["pattern_attribution"] > 2 * eeg["chance"]
-    assert eeg["share"]["patternnet"] > 2 * eeg["chance"]
+    share = eeg["share"]
+    assert share["pattern_attribution"] > 0.8 and share["pattern_attribution"] > share["gradient"] + 0.1
+    assert share["patternnet"] > 2 * eeg["chance"]
 
 
-@CONV1D
 def test_eeg_maps_finite_and_gradient_is_autograd(eeg):
     result = check_model(eeg["model"], tuple(eeg["maps"]["gradient"].shape[1:]))
     assert result["gradient_error"] <= GRADIENT_TOLERANCE

@@ -15,13 +15,17 @@ Moment accumulation (SPEC §2) for one affine layer and a batch:
   patches of length ``Dg``::
 
       mat[s, g] += [y~ | g | g*y~ | 1]^T x~      shape (3*Kg + 1, Dg)
-      vec[s]    += [sum y~, sum y~^2, sum g, sum g*y~, sum g*y~^2, n]   (5K + 1)
+      vec[s]    += [sum y~, sum g, sum g*y~, n]  (3K + 1)
+
+  (the layout is owned by :mod:`untangle_ext.moments`, which names every block).
 
   summed over samples (and output positions for conv). ``mat`` and ``vec`` are
   float64; the products are formed in the input dtype per batch.
 
+Convolutions have 1, 2 or 3 spatial dimensions (``len(stride)``).
+
 Pattern backward for ``N`` (image, class) pairs: pair ``i`` is reversed
-through ``patterns[slots[i]]`` (the transpose of a Linear / Conv2d layer whose
+through ``patterns[slots[i]]`` (the transpose of a Linear / ConvNd layer whose
 weight is that pattern).
 """
 from __future__ import annotations
@@ -51,8 +55,7 @@ def _vector_sums(y_tilde: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     y = y_tilde.double()
     gate = (z > 0).double()
     dims = [0] + list(range(2, y.dim()))
-    gy = gate * y
-    sums = [y.sum(dims), (y * y).sum(dims), gate.sum(dims), gy.sum(dims), (gy * y).sum(dims)]
+    sums = [y.sum(dims), gate.sum(dims), (gate * y).sum(dims)]
     count = y.new_tensor([y.numel() / y.shape[1]])
     return torch.cat(sums + [count])
 
@@ -88,13 +91,13 @@ def accumulate_linear(
 
 
 def shifted_padded_input(x: torch.Tensor, shift_c: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
-    """Zero-pad the image, then subtract the per-channel shift everywhere (padding included)."""
-    ph, pw = padding
-    padded = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
-    return padded - shift_c.to(x.dtype).view(1, -1, 1, 1)
+    """Zero-pad every spatial dim, then subtract the per-channel shift everywhere (padding included)."""
+    pad = [p for p in reversed(list(padding)) for _ in range(2)]
+    padded = F.pad(x, pad) if any(pad) else x
+    return padded - shift_c.to(x.dtype).view(1, -1, *([1] * len(padding)))
 
 
-def accumulate_conv2d(
+def accumulate_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
     shift_c: torch.Tensor,
@@ -107,10 +110,12 @@ def accumulate_conv2d(
     dilation: Sequence[int],
     groups: int,
 ) -> torch.Tensor:
-    """Accumulate Conv2d moments (patches of ``x``, N×C×H×W) into ``mat``/``vec``; return the output."""
+    """Accumulate ConvNd moments (patches of ``x``, N×C×spatial) into ``mat``/``vec``; return the output."""
+    nd = len(stride)
     x_tilde = shifted_padded_input(x, shift_c, padding)
-    y_tilde = F.conv2d(x_tilde, weight, None, stride, 0, dilation, groups)
-    z = y_tilde + out_offset.to(x.dtype).view(1, -1, 1, 1)
+    y_tilde = torch.ops.aten.convolution(x_tilde, weight, None, list(stride), [0] * nd, list(dilation),
+                                         False, [0] * nd, groups)
+    z = y_tilde + out_offset.to(x.dtype).view(1, -1, *([1] * nd))
     design = _design(y_tilde, z, groups)
     kg = weight.shape[0] // groups
 
@@ -118,8 +123,8 @@ def accumulate_conv2d(
         xs, ds = x_tilde[rows], design[rows]
         wshape = [ds.shape[1], *weight.shape[1:]]
         _, grad_w, _ = torch.ops.aten.convolution_backward(
-            ds, xs, weight.new_empty(wshape), None, list(stride), [0, 0], list(dilation),
-            False, [0, 0], groups, [False, True, False],
+            ds, xs, weight.new_empty(wshape), None, list(stride), [0] * nd, list(dilation),
+            False, [0] * nd, groups, [False, True, False],
         )
         mat[s] += grad_w.reshape(groups, 3 * kg + 1, -1).double()
         vec[s] += _vector_sums(y_tilde[rows], z[rows])
@@ -141,25 +146,25 @@ def pattern_backward_linear(grad_out: torch.Tensor, patterns: torch.Tensor, slot
     return grad_in
 
 
-def pattern_backward_conv2d(
+def pattern_backward_conv(
     grad_out: torch.Tensor,
     patterns: torch.Tensor,
     slots: torch.Tensor,
-    input_hw: Sequence[int],
+    input_size: Sequence[int],
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
 ) -> torch.Tensor:
-    """Reverse ``grad_out`` (N, K, H', W') through the conv whose weight is ``patterns[slots[i]]``."""
+    """Reverse ``grad_out`` (N, K, *out_size) through the conv whose weight is ``patterns[slots[i]]``."""
     channels = patterns.shape[2] * groups
-    in_shape = [grad_out.shape[0], channels, *input_hw]
+    in_shape = [grad_out.shape[0], channels, *input_size]
 
     def backward(go: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        shape = [go.shape[0], channels, *input_hw]
+        shape = [go.shape[0], channels, *input_size]
         grad_in, _, _ = torch.ops.aten.convolution_backward(
             go, go.new_empty(1).expand(shape), w, None, list(stride), list(padding), list(dilation),
-            False, [0, 0], groups, [True, False, False],
+            False, [0] * len(stride), groups, [True, False, False],
         )
         return grad_in
 

@@ -3,22 +3,29 @@
 Each pair ``(b, c)`` is reversed through the patterns of class ``c`` (or of
 the all-class store) with image ``b``'s recorded gates (SPEC §2):
 
-* ``pattern_attribution`` (default): Linear/Conv2d use ``W ⊙ a⁺_c``,
+* ``pattern_attribution`` (default): Linear/ConvNd use ``W ⊙ a⁺_c``,
 * ``patternnet``: they use ``a⁺_c`` (the signal),
 * ``gradient``: they use ``W`` (plain gradient, the S_w baseline; no store needed).
+
+Every other op follows :mod:`untangle_ext.rules`. The pass keeps each pair's
+signal normalised by exact powers of two, so deep nets never overflow: where a
+map is representable in the input dtype it is returned exactly, else it is
+returned normalised with its ``scale_exponent`` (and a warning says so).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from . import ops
 from .moments import slots_of
 from .store import ALL_CLASSES, SignalStore, StoreError, model_fingerprint
-from .trace import Affine, Program, Tape
+from .layers import AffineLayer
+from .rules import Tape
+from .trace import Program
 from .validation import InputChecker, check_topk
 
 Method = Literal["pattern_attribution", "patternnet", "gradient"]
@@ -34,6 +41,8 @@ class Explanation:
     attributions: torch.Tensor  # (B, k, *input_shape)
     targets: torch.Tensor  # (B, k) class ids
     logits: torch.Tensor  # (B, num_classes)
+    #: (B, k) int64: the true map is ``attributions * 2**scale_exponent``; 0 wherever the map is exact.
+    scale_exponent: Optional[torch.Tensor] = None
 
     @property
     def probabilities(self) -> torch.Tensor:
@@ -45,7 +54,10 @@ class Attributor:
 
     ``stores`` maps class ids to :class:`SignalStore` (or is one all-class store);
     it may be omitted for ``method="gradient"``. Inputs must have the per-image shape
-    ``input_shape`` (default: the shape the stores were estimated on). The model is never modified.
+    ``input_shape`` (default: the shape the stores were estimated on). ``constant_gates=True``
+    holds gating factors (sigmoid/softmax outputs multiplied into an activation, as in
+    squeeze-excitation and attention) constant instead of reversing their gradient.
+    ``leaf_modules``: module classes traced as single ops. The model is never modified.
     """
 
     def __init__(
@@ -54,8 +66,11 @@ class Attributor:
         stores: Union[SignalStore, Mapping[int, SignalStore], None] = None,
         check_fingerprint: bool = True,
         input_shape: Optional[Sequence[int]] = None,
+        constant_gates: bool = False,
+        leaf_modules: Sequence[type] = (),
     ):
-        self.program = Program(model)
+        self.program = Program(model, leaf_modules=leaf_modules)
+        self.constant_gates = constant_gates
         if isinstance(stores, SignalStore):
             stores = {stores.class_id: stores}
         self.stores: dict[int, SignalStore] = dict(stores or {})
@@ -138,17 +153,13 @@ class Attributor:
         seed = torch.zeros((x.shape[0] * k, logits.shape[1]), dtype=logits.dtype, device=logits.device)
         seed.scatter_(1, targets.reshape(-1, 1), 1.0)
 
-        def reverse(layer: Affine, grad: torch.Tensor) -> torch.Tensor:
-            p = bank[layer.name]
-            if layer.kind == "linear":
-                return ops.pattern_backward_linear(grad, p, slots)
-            return ops.pattern_backward_conv2d(
-                grad, p, slots, tape.shapes[self.program.step_of[layer.name]][2:], layer.stride, layer.padding,
-                layer.dilation, layer.groups,
-            )
+        def reverse(layer: AffineLayer, grad: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+            return layer.reverse(grad, bank[layer.name], slots, input_shape)
 
-        result = self.program.backward(tape, seed, k, reverse)
-        return Explanation(result.view(x.shape[0], k, *x.shape[1:]), targets, logits)
+        values, exponent = self.program.backward(tape, seed, k, reverse, self.constant_gates)
+        values, exponent = _denormalise(values, exponent)
+        b = x.shape[0]
+        return Explanation(values.view(b, k, *x.shape[1:]), targets, logits, exponent.view(b, k))
 
     def attribute(
         self,
@@ -161,6 +172,25 @@ class Attributor:
         """Attributions shaped like ``inputs`` (one class per image), or (B, k, ...) for several."""
         exp = self.explain(inputs, target, topk, method, estimator)
         return exp.attributions[:, 0] if exp.attributions.shape[1] == 1 else exp.attributions
+
+
+class ScaledAttributionWarning(UserWarning):
+    """Some maps exceed the dtype's range: they are returned normalised, with their scale exponent."""
+
+
+def _denormalise(values: torch.Tensor, exponent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact maps ``values * 2**exponent`` where representable (exponent 0 there); the rest stay normalised."""
+    exact = torch.ldexp(values, exponent.view(-1, *([1] * (values.dim() - 1))).to(values.dtype))
+    amax = exact.abs().flatten(1).amax(1) if exact.numel() else exact.new_zeros(exact.shape[0])
+    fits = torch.isfinite(amax) & ((amax >= torch.finfo(values.dtype).tiny) | (exponent == 0))
+    if bool(fits.all()):
+        return exact, torch.zeros_like(exponent)
+    warnings.warn(f"{int((~fits).sum())} of {fits.numel()} attribution maps exceed the range of {values.dtype}; "
+                  "they are returned normalised (max |value| < 1) and the true map is attributions * "
+                  "2**Explanation.scale_exponent. Heatmaps are unaffected (they are normalised anyway)",
+                  ScaledAttributionWarning, stacklevel=3)
+    view = fits.view(-1, *([1] * (values.dim() - 1)))
+    return torch.where(view, exact, values), torch.where(fits, torch.zeros_like(exponent), exponent)
 
 
 def _stores_input_shape(stores) -> Optional[tuple[int, ...]]:

@@ -153,7 +153,7 @@ def reshift(lm: LayerMoments, shift: torch.Tensor) -> None:
     layer's output). Hence, with ``n`` samples and ``n+`` open gates::
 
         Σx~'    = Σx~ + n d                      Σy~'  = Σy~ + n e
-        Σy~'x~' = Σy~x~ + e Σx~ + d Σy~ + n e d  Σy~'² = Σy~² + 2e Σy~ + n e²
+        Σy~'x~' = Σy~x~ + e Σx~ + d Σy~ + n e d
         and the gated sums likewise with Σg x~, Σg y~ and n+ in place of Σx~, Σy~ and n.
     """
     old = lm.patch_shift()
@@ -163,26 +163,17 @@ def reshift(lm: LayerMoments, shift: torch.Tensor) -> None:
     g, k = layer.groups, layer.out_features
     kg = k // g
     e = (layer.weight.double().reshape(g, kg, -1) @ d.unsqueeze(2)).squeeze(2)  # (G, Kg)
-    slots = lm.mat.shape[0]
+    slots = lm.count.shape[0]
     e4, d4, n4 = e.view(1, g, kg, 1), d.view(1, g, 1, -1), lm.count.view(slots, 1, 1, 1)
     sy4, gy4, npos4 = (lm.field(f).view(slots, g, kg, 1) for f in ("sum_y", "pos_sum_y", "pos_n"))
-    mat = lm.mat
-    sxy, sgx, sgxy, sx = mat[:, :, :kg], mat[:, :, kg:2 * kg], mat[:, :, 2 * kg:3 * kg], mat[:, :, 3 * kg:]
+    sxy, sgx, sgxy, sx = (lm.block(b) for b in ("sum_yx", "pos_sum_x", "pos_sum_yx", "sum_x"))
     sxy += e4 * sx + d4 * sy4 + n4 * e4 * d4  # old Σx~, Σy~ (updated below)
     sgxy += e4 * sgx + d4 * gy4 + npos4 * e4 * d4  # old Σg x~, Σg y~
     sgx += npos4 * d4
     sx += n4 * d4
     ev, n2, npos = e.view(1, k), lm.count.view(slots, 1), lm.field("pos_n")
-    sy, gy = lm.field("sum_y"), lm.field("pos_sum_y")
-    lm.field("sum_yy").add_(2 * ev * sy + n2 * ev * ev)
-    lm.field("pos_sum_yy").add_(2 * ev * gy + npos * ev * ev)
-    sy += n2 * ev
-    gy += npos * ev
-
-
-def _shift_size(lm: LayerMoments) -> int:
-    w = lm.layer.weight
-    return w.shape[1] * (lm.groups if lm.layer.kind == "conv2d" else 1)
+    lm.field("sum_y").add_(n2 * ev)
+    lm.field("pos_sum_y").add_(npos * ev)
 
 
 def _common_shifts(layers: list[LayerMoments], shard: Shard, device: torch.device) -> Optional[list[torch.Tensor]]:
@@ -193,7 +184,7 @@ def _common_shifts(layers: list[LayerMoments], shard: Shard, device: torch.devic
     src = int(source.item())
     if src == shard.world_size:
         return None
-    sizes = [_shift_size(lm) for lm in layers]
+    sizes = [lm.layer.in_features for lm in layers]
     flat = (torch.cat([lm.shift.double().flatten() for lm in layers]) if shard.rank == src
             else torch.empty(sum(sizes), dtype=torch.float64, device=device))
     dist.broadcast(flat, src=src)

@@ -49,7 +49,7 @@ def chunk_classes(classes: Sequence[int], per_class_bytes: int, budget: Optional
 
 
 class SignalEstimator:
-    """Estimate per-class (or all-class) patterns of every Linear/Conv2d layer of ``model``.
+    """Estimate per-class (or all-class) patterns of every Linear/ConvNd layer of ``model``.
 
     ``classes``: which classes to estimate (default: every output). ``per_class=False``
     estimates one store from all samples (iNNvestigate semantics). ``memory_budget``
@@ -59,7 +59,9 @@ class SignalEstimator:
     (default: the model's) is the dtype of the estimation forward and of the per-batch
     statistics products: float32 products summed over ~10^4-10^5 conv positions per
     batch carry 1e-6 to 1e-4 relative error into the patterns (most in ill-conditioned
-    a⁻); ``torch.float64`` removes it at about twice the cost. The model is never modified.
+    a⁻); ``torch.float64`` removes it at about twice the cost. ``leaf_modules``: module classes
+    traced as single ops (reversed with their gradient), e.g. blocks fx cannot trace. The model
+    is never modified.
     """
 
     def __init__(
@@ -73,11 +75,10 @@ class SignalEstimator:
         progress: bool = True,
         input_shape: Optional[Sequence[int]] = None,
         compute_dtype: Optional[torch.dtype] = None,
+        leaf_modules: Sequence[type] = (),
     ):
         self.model = model
-        self.program = Program(model)
-        if compute_dtype is not None:
-            self.program.cast(compute_dtype)
+        self.program = Program(model, dtype=compute_dtype, leaf_modules=leaf_modules)
         self._checker = InputChecker(self.program, input_shape, pin=True)
         self.num_classes = self.program.num_outputs
         self.classes = list(range(self.num_classes)) if classes is None else [int(c) for c in classes]

@@ -12,11 +12,13 @@ from typing import Optional
 
 import torch
 
-from . import ops
-from .trace import Affine, Program
+from .layers import AffineLayer, Linear
+from .trace import Program
 
-#: Column layout of ``vec``: per-output sums, then the sample count.
-VEC_FIELDS = ("sum_y", "sum_yy", "pos_n", "pos_sum_y", "pos_sum_yy")
+#: Layout of ``vec`` (owned here; the kernels and the reference follow it): per-output sums, then the count.
+VEC_FIELDS = ("sum_y", "pos_n", "pos_sum_y")
+#: Row blocks of ``mat`` per group, each ``Kg`` rows except the last: Σ y~x~ᵀ, Σ g x~ᵀ, Σ g y~ x~ᵀ, Σ x~ᵀ.
+MAT_BLOCKS = ("sum_yx", "pos_sum_x", "pos_sum_yx", "sum_x")
 
 
 #: A Linear layer's rows are buffered until this many are pending, then accumulated in one
@@ -26,17 +28,18 @@ PENDING_ROWS = 256
 
 
 class LayerMoments:
-    """Accumulators of one affine layer for ``S`` class slots.
+    """Accumulators of one affine layer for ``S`` class slots, with named views of every block.
 
     ``mat[s, g]`` is ``[y~ | g | g*y~ | 1]^T x~`` summed over samples, shape
     ``(3*Kg + 1, Dg)`` per group ``g``; ``vec[s]`` holds the per-output sums of
-    :data:`VEC_FIELDS` (``K`` each) and the sample count last. Linear-layer rows may be
-    pending (see :data:`PENDING_ROWS`); reading ``mat`` or ``vec`` adds them first.
+    :data:`VEC_FIELDS` (``K`` each) and the sample count last. Everything else reads
+    them through the views (:meth:`block`, :meth:`field`, :attr:`count`). Linear-layer
+    rows may be pending (see :data:`PENDING_ROWS`); reading ``mat`` or ``vec`` adds them first.
     """
 
-    def __init__(self, layer: Affine, mat: torch.Tensor, vec: torch.Tensor):
+    def __init__(self, layer: AffineLayer, mat: torch.Tensor, vec: torch.Tensor):
         self.layer = layer
-        self._mat, self._vec = mat, vec  # (S, G, 3Kg+1, Dg) and (S, 5K+1), float64
+        self._mat, self._vec = mat, vec  # (S, G, 3Kg+1, Dg) and (S, 3K+1), float64
         self.shift: Optional[torch.Tensor] = None  # input dtype: (D,) linear, (C_in,) conv
         self.out_offset: Optional[torch.Tensor] = None  # (K,) float64 = W shift + b
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -56,36 +59,56 @@ class LayerMoments:
     def groups(self) -> int:
         return self.layer.groups
 
+    def block(self, name: str) -> torch.Tensor:
+        """One block of ``mat`` as a view (S, G, Kg, Dg) (``sum_x``: (S, G, 1, Dg)); see :data:`MAT_BLOCKS`."""
+        kg = self.layer.out_features // self.groups
+        i = MAT_BLOCKS.index(name)
+        return self.mat[:, :, i * kg:(i + 1) * kg if name != "sum_x" else None]
+
+    def per_neuron(self, name: str, slot: int) -> torch.Tensor:
+        """One block for one slot as (K, Dg), neuron by neuron (``sum_x`` repeated for the neurons of its group)."""
+        b = self.block(name)[slot]
+        kg = self.layer.out_features // self.groups
+        return b.repeat_interleave(kg, dim=1).reshape(-1, b.shape[-1]) if name == "sum_x" else b.reshape(-1, b.shape[-1])
+
+    def field(self, name: str) -> torch.Tensor:
+        """One block of ``vec`` as a view (S, K): a name of :data:`VEC_FIELDS`."""
+        k = self.layer.out_features
+        i = VEC_FIELDS.index(name)
+        return self.vec[:, i * k:(i + 1) * k]
+
+    @property
+    def count(self) -> torch.Tensor:
+        """Samples (output positions for conv) seen per slot, (S,)."""
+        return self.vec[:, -1]
+
     def patch_shift(self) -> torch.Tensor:
         """The shift in patch space, (G, Dg) float64, as the pattern formula needs it."""
-        layer, s = self.layer, self.shift.double()
-        if layer.kind == "linear":
-            return s.view(1, -1)
-        kernel = layer.weight.shape[2] * layer.weight.shape[3]
-        return s.view(layer.groups, -1).repeat_interleave(kernel, dim=1)
+        return self.layer.patch_shift(self.shift.double())
 
     def init_shift(self, x: torch.Tensor) -> None:
-        """Fix the shift from the first batch: per feature (Linear) or per channel (Conv2d)."""
-        dims = [0] if self.layer.kind == "linear" else [0, 2, 3]
-        self.set_shift(x.mean(dims) if x.shape[0] else x.new_zeros(x.shape[1]))
+        """Fix the shift from the first batch: its mean per feature (Linear) or per channel (conv)."""
+        self.set_shift(x.mean(self.layer.shift_dims(x)) if x.numel() else x.new_zeros(self.layer.in_features))
 
     def set_shift(self, shift: torch.Tensor) -> None:
         """Use ``shift`` (input dtype) and its ``out_offset``; only valid while the sums are zero or re-shifted."""
         self.flush()  # pending rows belong to the old shift
         self.shift = shift
-        w = self.layer.weight.double().reshape(self.layer.out_features, -1)
-        s = self.patch_shift().repeat_interleave(self.layer.out_features // self.groups, dim=0)
+        k, g = self.layer.out_features, self.groups
+        w = self.layer.weight.double().reshape(k, -1)
+        s = self.patch_shift().repeat_interleave(k // g, dim=0)
         self.out_offset = (w * s).sum(1) + self.layer.bias.double()
 
     def accumulate(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Add the batch ``x`` (rows assigned to ``slots``; -1 = skip) and return the layer output."""
+        """Add the batch ``x`` (images assigned to ``slots``; -1 = skip) and return the layer output."""
         if self.shift is None:
             self.init_shift(x)
-        if self.layer.kind == "conv2d" or (not self._pending and x.shape[0] >= PENDING_ROWS):
-            return self._accumulate(x, slots)
+        if not isinstance(self.layer, Linear) or (not self._pending and x.shape[0] >= PENDING_ROWS):
+            return self.layer.accumulate(x, self.shift, self.out_offset, slots, self._mat, self._vec)
         self._pending.append((x.clone(), slots.clone()))  # clone: the caller's tensors may change later
         self._pending_rows += x.shape[0]
-        z = self._accumulate(x, torch.full_like(slots, -1))  # the output only; the rows wait
+        skip = torch.full_like(slots, -1)
+        z = self.layer.accumulate(x, self.shift, self.out_offset, skip, self._mat, self._vec)  # output only
         if self._pending_rows >= PENDING_ROWS:
             self.flush()
         return z
@@ -96,35 +119,14 @@ class LayerMoments:
             return
         xs, slots = zip(*self._pending)
         self._pending, self._pending_rows = [], 0
-        self._accumulate(torch.cat(xs), torch.cat(slots))
-
-    def _accumulate(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        layer = self.layer
-        if layer.kind == "linear":
-            return ops.accumulate_linear(x, layer.weight, self.shift, self.out_offset, slots, self._mat, self._vec)
-        return ops.accumulate_conv2d(
-            x, layer.weight, self.shift, self.out_offset, slots, self._mat, self._vec,
-            layer.stride, layer.padding, layer.dilation, layer.groups,
-        )
-
-    def field(self, name: str) -> torch.Tensor:
-        """One block of ``vec`` as (S, K): a name of :data:`VEC_FIELDS`."""
-        k = self.layer.out_features
-        i = VEC_FIELDS.index(name)
-        return self.vec[:, i * k:(i + 1) * k]
-
-    @property
-    def count(self) -> torch.Tensor:
-        """Samples (output positions for conv) seen per slot, (S,)."""
-        return self.vec[:, -1]
+        self.layer.accumulate(torch.cat(xs), self.shift, self.out_offset, torch.cat(slots), self._mat, self._vec)
 
 
 def _new_layer_moments(layer: Affine, slots: int) -> LayerMoments:
     k, g = layer.out_features, layer.groups
-    dg = layer.weight[0].numel()
     dev = layer.weight.device
-    mat = torch.zeros((slots, g, 3 * (k // g) + 1, dg), dtype=torch.float64, device=dev)
-    vec = torch.zeros((slots, 5 * k + 1), dtype=torch.float64, device=dev)
+    mat = torch.zeros((slots, g, 3 * (k // g) + 1, layer.patch_size), dtype=torch.float64, device=dev)
+    vec = torch.zeros((slots, len(VEC_FIELDS) * k + 1), dtype=torch.float64, device=dev)
     return LayerMoments(layer, mat, vec)
 
 
@@ -140,8 +142,8 @@ def accumulator_bytes(program: Program, slots: int = 1) -> int:
     """Bytes of float64 accumulators needed for ``slots`` classes."""
     per_slot = 0
     for layer in program.layers:
-        k, g, dg = layer.out_features, layer.groups, layer.weight[0].numel()
-        per_slot += 8 * (g * (3 * (k // g) + 1) * dg + 5 * k + 1)
+        k, g = layer.out_features, layer.groups
+        per_slot += 8 * (g * (3 * (k // g) + 1) * layer.patch_size + len(VEC_FIELDS) * k + 1)
     return per_slot * slots
 
 
@@ -153,7 +155,6 @@ class Moments:
         self.num_slots = num_slots
         self.layers = {layer.name: _new_layer_moments(layer, num_slots) for layer in program.layers}
         self.images = torch.zeros(num_slots, dtype=torch.long)  # images seen per slot
-
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -90,18 +90,19 @@ def _register_fakes() -> None:
     def _(x, weight, shift_x, out_offset, slots, mat, vec):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
-    @torch.library.register_fake("untangle_ext::accumulate_conv2d")
+    @torch.library.register_fake("untangle_ext::accumulate_conv")
     def _(x, weight, shift_c, out_offset, slots, mat, vec, stride, padding, dilation, groups):
-        hw = [conv_out(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)]
-        return x.new_empty((x.shape[0], weight.shape[0], *hw))
+        size = [conv_out(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+                for i in range(len(stride))]
+        return x.new_empty((x.shape[0], weight.shape[0], *size))
 
     @torch.library.register_fake("untangle_ext::pattern_backward_linear")
     def _(grad_out, patterns, slots):
         return grad_out.new_empty((grad_out.shape[0], patterns.shape[2]))
 
-    @torch.library.register_fake("untangle_ext::pattern_backward_conv2d")
-    def _(grad_out, patterns, slots, input_hw, stride, padding, dilation, groups):
-        return grad_out.new_empty((grad_out.shape[0], patterns.shape[2] * groups, *input_hw))
+    @torch.library.register_fake("untangle_ext::pattern_backward_conv")
+    def _(grad_out, patterns, slots, input_size, stride, padding, dilation, groups):
+        return grad_out.new_empty((grad_out.shape[0], patterns.shape[2] * groups, *input_size))
 
 
 def _native_devices() -> frozenset:
@@ -156,6 +157,6 @@ def _route(name: str) -> Callable:
 
 
 accumulate_linear = _route("accumulate_linear")
-accumulate_conv2d = _route("accumulate_conv2d")
+accumulate_conv = _route("accumulate_conv")
 pattern_backward_linear = _route("pattern_backward_linear")
-pattern_backward_conv2d = _route("pattern_backward_conv2d")
+pattern_backward_conv = _route("pattern_backward_conv")

@@ -41,12 +41,8 @@ def compute_patterns(lm: LayerMoments, slot: int, mean_y: MeanY = "all") -> dict
         raise ValueError(f"mean_y must be 'all' or 'positive', not {mean_y!r}")
     layer = lm.layer
     k, g = layer.out_features, layer.groups
-    kg = k // g
-    mat = lm.mat[slot]  # (G, 3Kg+1, Dg)
-    per_neuron = lambda block: mat[:, block * kg:(block + 1) * kg].reshape(k, -1)  # noqa: E731
-    sxy, spx, spxy = per_neuron(0), per_neuron(1), per_neuron(2)
-    sx = mat[:, 3 * kg].repeat_interleave(kg, dim=0)
-    shift = lm.patch_shift().repeat_interleave(kg, dim=0)
+    sxy, spx, spxy, sx = (lm.per_neuron(b, slot) for b in ("sum_yx", "pos_sum_x", "pos_sum_yx", "sum_x"))
+    shift = lm.patch_shift().repeat_interleave(k // g, dim=0)
     w = layer.weight.double().reshape(k, -1)
 
     n = lm.count[slot].expand(k)

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ._io import atomic_write
 from ._version import __version__
+from .layers import AFFINE_KINDS
 from .trace import Program
 
 FORMAT = "untangle_ext.signal_store"
@@ -97,7 +98,7 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def layer_signature(program: Program) -> list[dict[str, Any]]:
     """The affine layers a store must match: names, kinds and weight shapes, in order."""
-    return [{"name": l.name, "kind": l.kind, "weight_shape": list(l.weight.shape)} for l in program.layers]
+    return [layer.signature() for layer in program.layers]
 
 
 @dataclass
@@ -200,7 +201,7 @@ def _first_difference(have: list[dict[str, Any]], want: list[dict[str, Any]]) ->
         if h != w:
             return (f"layer {i} is {h['kind']} '{h['name']}' {h['weight_shape']} in the store but "
                     f"{w['kind']} '{w['name']}' {w['weight_shape']} in the model")
-    return f"the store has {len(have)} Linear/Conv2d layers, the model {len(want)}"
+    return f"the store has {len(have)} Linear/Conv layers, the model {len(want)}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,9 +387,9 @@ def _validate_layers(chk: _Checker, layers: Any) -> list[dict[str, Any]]:
         if name in names:
             raise chk.fail(f"{where}.name", f"repeats the layer name {name[:40]!r}")
         names.add(name)
-        if type(layer["kind"]) is not str or layer["kind"] not in ("linear", "conv2d"):
-            raise chk.fail(f"{where}.kind", f"must be 'linear' or 'conv2d', not {_describe(layer['kind'])}")
-        chk.shape(layer["weight_shape"], f"{where}.weight_shape", (2,) if layer["kind"] == "linear" else (4,))
+        if type(layer["kind"]) is not str or layer["kind"] not in AFFINE_KINDS:
+            raise chk.fail(f"{where}.kind", f"must be one of {sorted(AFFINE_KINDS)}, not {_describe(layer['kind'])}")
+        chk.shape(layer["weight_shape"], f"{where}.weight_shape", (AFFINE_KINDS[layer["kind"]].weight_rank,))
     return layers
 
 

@@ -189,8 +189,7 @@ class InputChecker:
             raise
         except RuntimeError as exc:
             first = self.program.layers[0]
-            takes = (f"{first.weight.shape[1] * first.groups} input channels" if first.kind == "conv2d"
-                     else f"{first.weight.shape[1]} input features")
+            takes = f"{first.in_features} input {'features' if first.kind == 'linear' else 'channels'}"
             raise InputShapeError(f"{where}: images of shape {tuple(x.shape[1:])} do not fit the model "
                                   f"({str(exc).splitlines()[0][:200]}); its first layer '{first.name}' takes {takes}. "
                                   "Pass images of the size the model was built for") from exc

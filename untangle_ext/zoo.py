@@ -140,7 +140,7 @@ def class_images(n: int, shape: Sequence[int], classes: Sequence[int] = ZOO_CLAS
     return x, labels
 
 
-def _snapshot(model: nn.Module, x: torch.Tensor) -> dict:
+def snapshot(model: nn.Module, x: torch.Tensor) -> dict:
     """Everything a public call must leave alone: state, modes, hooks, and the eval-mode outputs."""
     with torch.no_grad():
         outputs = copy.deepcopy(model).eval()(x)
@@ -155,8 +155,8 @@ def _snapshot(model: nn.Module, x: torch.Tensor) -> dict:
 
 
 def unchanged_problem(model: nn.Module, before: dict, x: torch.Tensor) -> Optional[str]:
-    """What differs between ``model`` now and ``before`` (a :func:`_snapshot`), or ``None``."""
-    after = _snapshot(model, x)
+    """What differs between ``model`` now and ``before`` (a :func:`snapshot`), or ``None``."""
+    after = snapshot(model, x)
     if after["state"].keys() != before["state"].keys():
         return "the state_dict keys changed"
     for k, v in before["state"].items():
@@ -190,14 +190,20 @@ def _stage(stage: str, fn: Callable):
         raise StageError(stage, f"{type(exc).__name__}: {first}"[:500]) from exc
 
 
-def check_model(model: nn.Module, input_shape: Sequence[int], classes: Sequence[int] = ZOO_CLASSES,
-                n_estimate: int = 32, n_attribute: int = 4, batch_size: int = 8, seed: int = 0) -> dict:
-    """Estimate ``classes``, attribute with every method, check finiteness, gradient == autograd
-    (float64) and that ``model`` is unchanged; returns the numbers, raises :class:`StageError`."""
+def check_data(input_shape: Sequence[int], classes: Sequence[int] = ZOO_CLASSES, n_estimate: int = 32,
+               n_attribute: int = 4, batch_size: int = 8, seed: int = 0) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """The data of :func:`check_model`: an estimation loader, inputs to attribute and their targets."""
     x, labels = class_images(n_estimate, input_shape, classes, seed)
     x_attr, target = class_images(n_attribute, input_shape, classes, seed + 1)
-    before = _snapshot(model, x_attr)
-    loader = [(x[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, n_estimate, batch_size)]
+    return [(x[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, n_estimate, batch_size)], x_attr, target
+
+
+def check_model(model: nn.Module, input_shape: Sequence[int], classes: Sequence[int] = ZOO_CLASSES, **data) -> dict:
+    """Estimate ``classes``, attribute with every method, check finiteness, gradient == autograd
+    (float64) and that ``model`` is unchanged; returns the numbers, raises :class:`StageError`.
+    ``data``: keyword arguments of :func:`check_data`."""
+    loader, x_attr, target = check_data(input_shape, classes, **data)
+    before = snapshot(model, x_attr)
     stores = _stage("estimate", lambda: SignalEstimator(model, classes=list(classes), progress=False).fit(loader))
     attributor = _stage("attribute", lambda: Attributor(model, stores))
     maps = {m: _stage(m, lambda m=m: attributor.attribute(x_attr, target=target, method=m)) for m in METHODS}

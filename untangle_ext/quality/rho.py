@@ -26,11 +26,11 @@ import math
 from typing import Iterable, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..store import SignalStore, model_fingerprint
-from ..trace import Affine, Program
+from ..layers import AffineLayer, Linear
+from ..trace import Program
 
 ESTIMATORS = ("random", "S_w", "S_a", "S_a±")
 #: Ridge added to the distractor covariance, relative to its mean diagonal (the
@@ -45,7 +45,7 @@ def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(num))
 
 
-def signal_directions(layer: Affine, patterns: Mapping[str, torch.Tensor], estimator: str,
+def signal_directions(layer: AffineLayer, patterns: Mapping[str, torch.Tensor], estimator: str,
                       generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s⁺, s⁻)`` (K, D) float64 such that S(x)_k = y_k·s⁺_k (gate open) or y_k·s⁻_k (gate closed)."""
     k = layer.out_features
@@ -133,13 +133,13 @@ def neuron_rho(x_fit: torch.Tensor, x_eval: torch.Tensor, weight: torch.Tensor, 
 def layer_inputs(program: Program, images: torch.Tensor, positions: int, generator: torch.Generator,
                  batch_size: int = 256) -> dict[str, torch.Tensor]:
     """Every affine layer's input as float64 rows (N, D); conv layers give ``positions`` random patches per image."""
-    grouped = [layer.name for layer in program.layers if layer.kind == "conv2d" and layer.groups != 1]
+    grouped = [layer.name for layer in program.layers if layer.groups != 1]
     if grouped:
-        raise ValueError(f"ρ(S) supports Conv2d layers with groups=1 only; {grouped} are grouped "
+        raise ValueError(f"ρ(S) supports convolutions with groups=1 only; {grouped} are grouped "
                          "(a grouped neuron sees part of the patch). Measure a model without grouped convolutions.")
     rows: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in program.layers}
 
-    def capture(layer: Affine, inp: torch.Tensor) -> torch.Tensor:
+    def capture(layer: AffineLayer, inp: torch.Tensor) -> torch.Tensor:
         rows[layer.name].append(_sample_rows(layer, inp, positions, generator))
         return layer.forward(inp)
 
@@ -150,17 +150,15 @@ def layer_inputs(program: Program, images: torch.Tensor, positions: int, generat
     return {name: torch.cat(r).double() for name, r in rows.items()}
 
 
-def _sample_rows(layer: Affine, inp: torch.Tensor, positions: int, generator: torch.Generator) -> torch.Tensor:
-    """Linear: the input rows. Conv: ``positions`` patches per image, drawn without replacement."""
-    if layer.kind == "linear":
-        return inp.detach().reshape(-1, inp.shape[-1]).cpu()
-    kernel = layer.weight.shape[2:]
-    patches = F.unfold(inp.detach(), kernel, layer.dilation, layer.padding, layer.stride)  # (B, D, L)
-    b, d, length = patches.shape
+def _sample_rows(layer: AffineLayer, inp: torch.Tensor, positions: int, generator: torch.Generator) -> torch.Tensor:
+    """Linear: every input row. Conv: ``positions`` patches per image, drawn without replacement."""
+    patches = layer.patches(inp.detach()).cpu()  # (B, L, D)
+    if isinstance(layer, Linear):
+        return patches.reshape(-1, patches.shape[-1])
+    b, length, d = patches.shape
     take = min(positions, length)
     idx = torch.rand(b, length, generator=generator).argsort(1)[:, :take]
-    picked = patches.cpu().gather(2, idx.unsqueeze(1).expand(b, d, take))
-    return picked.transpose(1, 2).reshape(-1, d)
+    return patches.gather(1, idx.unsqueeze(2).expand(b, take, d)).reshape(-1, d)
 
 
 def signal_quality(
