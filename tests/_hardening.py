@@ -41,3 +41,14 @@ def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
     assert after.keys() == before.keys()
     for k, v in before.items():
         assert torch.equal(after[k], v), k
+
+
+class Branchy(nn.Module):
+    """A block whose forward branches on a tensor value: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)

@@ -5,25 +5,26 @@ that the engine's tests compare against first principles.
 """
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 
 
 def conv_patches(x: torch.Tensor, kernel, stride, padding, dilation, groups: int) -> torch.Tensor:
-    """All input patches of a Conv2d, by explicit loops: (N*H'*W', G, C/G*kh*kw), float64."""
+    """All input patches of a ConvNd (N = len(kernel)), by explicit loops: (N*prod(out), G, C/G*prod(kernel))."""
     x = x.double()
-    n, c, h, w = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    xp = torch.zeros(n, c, h + 2 * ph, w + 2 * pw, dtype=torch.float64)
-    xp[:, :, ph:ph + h, pw:pw + w] = x
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    n, c, *size = x.shape
+    padded = torch.zeros(n, c, *[s + 2 * p for s, p in zip(size, padding)], dtype=torch.float64)
+    padded[(slice(None), slice(None), *[slice(p, p + s) for s, p in zip(size, padding)])] = x
+    out = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in zip(size, padding, dilation, kernel, stride)]
     rows = []
     for b in range(n):
-        for i in range(oh):
-            for j in range(ow):
-                window = xp[b, :, i * sh:i * sh + dh * (kh - 1) + 1:dh, j * sw:j * sw + dw * (kw - 1) + 1:dw]
-                rows.append(window.reshape(groups, -1))
-    return torch.stack(rows) if rows else torch.zeros(0, groups, c // groups * kh * kw, dtype=torch.float64)
+        for pos in itertools.product(*[range(o) for o in out]):
+            window = padded[(b, slice(None), *[slice(i * st, i * st + d * (k - 1) + 1, d)
+                                               for i, st, d, k in zip(pos, stride, dilation, kernel)])]
+            rows.append(window.reshape(groups, -1))
+    return torch.stack(rows) if rows else torch.zeros(0, groups, c // groups * math.prod(kernel), dtype=torch.float64)
 
 
 def _normalise(cov: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from _hardening import Branchy
 from untangle_ext import ALL_CLASSES, Attributor, SignalEstimator, SignalStore, UnsupportedModelError
 from untangle_ext.models import LeNet, residual_net, vgg_style_net
 from untangle_ext.rules import Tape
@@ -175,17 +176,6 @@ def test_public_calls_leave_the_model_bit_identical():
     assert torch.equal(model(x), reference.eval()(x))
 
 
-class _Branchy(nn.Module):
-    """A block whose forward branches on a tensor value: fx cannot trace it."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.fc(x) if x.sum() > 0 else -self.fc(x)
-
-
 class _TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
@@ -193,6 +183,39 @@ class _TwoInputs(nn.Module):
 
     def forward(self, x, y):
         return self.fc(x + y)
+
+
+class _MutatesSilently(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        y.add_(1.0)  # the result is dropped: only the mutation of y carries the op
+        return torch.relu(y)
+
+
+class _InplaceThenReads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.fc(x)
+        z = self.act(y)
+        return z + y  # eager: y was rectified in place, so this is 2 relu(y)
+
+
+class _InplaceResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.fc(x)
+        out += x  # the ResNet idiom: exact out of place
+        return self.act(out)
 
 
 class _Assigns(nn.Module):
@@ -203,10 +226,10 @@ class _Assigns(nn.Module):
 
 
 def test_untraceable_constructs_are_named_with_a_workaround():
-    model = nn.Sequential(nn.Linear(4, 4), _Branchy(), nn.Linear(4, 2))
-    with pytest.raises(UnsupportedModelError, match=r"module '1' \(_Branchy\).*leaf_modules"):
+    model = nn.Sequential(nn.Linear(4, 4), Branchy(), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModelError, match=r"module '1' \(Branchy\).*leaf_modules"):
         Program(model)
-    program = Program(model, leaf_modules=[_Branchy])  # the workaround: one op, reversed with its gradient
+    program = Program(model, leaf_modules=[Branchy])  # the workaround: one op, reversed with its gradient
     assert [layer.name for layer in program.layers] == ["0", "2"]
     x = torch.randn(3, 4)
     torch.testing.assert_close(program.forward(x), model(x))
@@ -214,6 +237,13 @@ def test_untraceable_constructs_are_named_with_a_workaround():
         Program(nn.Sequential(nn.Linear(4, 4), _Assigns(), nn.Linear(4, 2)))
     with pytest.raises(UnsupportedModelError, match="more than one input"):
         Program(_TwoInputs())
+    for silent in (_MutatesSilently(), _InplaceThenReads()):
+        with pytest.raises(UnsupportedModelError, match="in-place.*seen through another reference.*out-of-place"):
+            Program(nn.Sequential(silent, nn.Linear(4, 2)))
+    model = nn.Sequential(_InplaceResidual(), nn.Linear(4, 2)).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    model(x)[:, 1].sum().backward()
+    torch.testing.assert_close(Attributor(model).attribute(x.detach(), target=1, method="gradient"), x.grad)
 
 
 def test_bad_targets_and_missing_stores():

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _hardening import IMAGE_SHAPE, NUM_CLASSES, assert_unchanged, class_batches, mixed_batches, snapshot, tiny_model
+from _hardening import (IMAGE_SHAPE, NUM_CLASSES, Branchy, assert_unchanged, class_batches, mixed_batches, snapshot,
+                        tiny_model)
 from untangle_ext import Attributor, SignalEstimator, UnsupportedModelError
 from untangle_ext.store import StoreError, class_store_path
 from untangle_ext.validation import (DeviceMismatchError, EmptyClassWarning, InputDtypeError, InputError,
@@ -190,17 +191,8 @@ class _Tanh(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class _Branchy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.fc(x) if x.sum() > 0 else -self.fc(x)
-
-
 @pytest.mark.parametrize("bad, cause", [
-    (_Branchy(), "could not trace the forward of _Branchy.*control flow.*leaf_modules"),
+    (Branchy(), "could not trace the forward of Branchy.*control flow.*leaf_modules"),
     (nn.Sequential(nn.ReLU()), "no Linear or Conv"),
 ])
 def test_unsupported_models(bad, cause):

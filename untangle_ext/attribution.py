@@ -181,16 +181,19 @@ class ScaledAttributionWarning(UserWarning):
 def _denormalise(values: torch.Tensor, exponent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact maps ``values * 2**exponent`` where representable (exponent 0 there); the rest stay normalised."""
     exact = torch.ldexp(values, exponent.view(-1, *([1] * (values.dim() - 1))).to(values.dtype))
-    amax = exact.abs().flatten(1).amax(1) if exact.numel() else exact.new_zeros(exact.shape[0])
-    fits = torch.isfinite(amax) & ((amax >= torch.finfo(values.dtype).tiny) | (exponent == 0))
+    amax, vmax = (t.abs().flatten(1).amax(1) if t.numel() else t.new_zeros(t.shape[0]) for t in (exact, values))
+    fits = torch.isfinite(amax) & ((amax >= torch.finfo(values.dtype).tiny) | (vmax == 0))  # no overflow/underflow
     if bool(fits.all()):
         return exact, torch.zeros_like(exponent)
     warnings.warn(f"{int((~fits).sum())} of {fits.numel()} attribution maps exceed the range of {values.dtype}; "
                   "they are returned normalised (max |value| < 1) and the true map is attributions * "
                   "2**Explanation.scale_exponent. Heatmaps are unaffected (they are normalised anyway)",
                   ScaledAttributionWarning, stacklevel=3)
+    _, e = torch.frexp(vmax)
+    e = torch.where(fits | (vmax == 0), torch.zeros_like(exponent), e.long())
+    normalised = torch.ldexp(values, (-e).view(-1, *([1] * (values.dim() - 1))).to(values.dtype))
     view = fits.view(-1, *([1] * (values.dim() - 1)))
-    return torch.where(view, exact, values), torch.where(fits, torch.zeros_like(exponent), exponent)
+    return torch.where(view, exact, normalised), torch.where(fits, torch.zeros_like(exponent), exponent + e)
 
 
 def _stores_input_shape(stores) -> Optional[tuple[int, ...]]:

@@ -65,6 +65,18 @@ def _jit_build() -> str:
     return f"JIT-built with cpp_extension.load (cache: {os.environ['TORCH_EXTENSIONS_DIR']})"
 
 
+#: The ops every native build must provide (schemas in csrc/ops.cpp).
+OPS = ("accumulate_linear", "accumulate_conv", "pattern_backward_linear", "pattern_backward_conv")
+
+
+def _check_ops() -> None:
+    """Raise when the loaded library lacks an op (built from older sources)."""
+    missing = [name for name in OPS if not hasattr(torch.ops.untangle_ext, name)]
+    if missing:
+        raise RuntimeError(f"the loaded library lacks the ops {missing}: it was built from older sources; rebuild it "
+                           "with `pip install --no-build-isolation -e .`")
+
+
 def _load_native() -> str:
     """Load the native library by the first route that works; raise with every route's reason."""
     errors = []
@@ -75,6 +87,7 @@ def _load_native() -> str:
             errors.append(f"{route.__name__.strip('_')}: {type(exc).__name__}: {str(exc).strip()[:300]}")
             continue
         if how is not None:
+            _check_ops()  # a loaded library cannot be replaced by another route in this process
             return how
         errors.append(f"{route.__name__.strip('_')}: no untangle_ext._C in this install")
     raise RuntimeError("; ".join(errors))
@@ -156,7 +169,4 @@ def _route(name: str) -> Callable:
     return op
 
 
-accumulate_linear = _route("accumulate_linear")
-accumulate_conv = _route("accumulate_conv")
-pattern_backward_linear = _route("pattern_backward_linear")
-pattern_backward_conv = _route("pattern_backward_conv")
+accumulate_linear, accumulate_conv, pattern_backward_linear, pattern_backward_conv = map(_route, OPS)

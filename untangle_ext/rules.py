@@ -213,6 +213,7 @@ class ReLU(Elementwise):
     """ReLU: the slope is the gate ``x > 0``, kept as a bool mask."""
 
     name = "relu"
+    rescales = False  # a 0/1 gate cannot grow the signal
 
     def forward(self, step, args, kwargs, tape):
         out = torch.relu(args[0])

@@ -22,6 +22,9 @@ from .layers import AffineLayer, UnsupportedModelError, affine_for
 from .rules import CONSTANT, Ref, Reverse, Step, Tape, resolve
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: Reads of a tensor's metadata: constants (they never carry the signal), whatever tensor they read.
+_METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "nelement", "element_size", "get_device"})
 _INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
                       operator.itruediv: operator.truediv}
 
@@ -35,8 +38,8 @@ def eval_view(module: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Modu
     view._parameters = {n: _cast(p, dtype) for n, p in module._parameters.items()}
     view._buffers = {n: _cast(b, dtype) for n, b in module._buffers.items()}
     view.training = False
-    if isinstance(getattr(view, "inplace", None), bool):
-        view.inplace = False
+    if getattr(view, "inplace", None) is True:
+        view.inplace, view.was_inplace = False, True  # remembered: the tracer checks the mutation is not observed
     return view
 
 
@@ -115,9 +118,19 @@ class _Builder:
         return tuple(self.index[n] for n in node.all_input_nodes if self.data[n])
 
     def build(self, graph: fx.Graph) -> list[Step]:
+        self.position = {node: i for i, node in enumerate(graph.nodes)}
         for node in graph.nodes:
             getattr(self, f"on_{node.op}")(node)
         return self.steps
+
+    def check_inplace(self, node: fx.Node, what: str) -> None:
+        """An in-place op is run out of place: exact only when its result is used and its input is not read later."""
+        target = node.args[0] if node.args else None
+        read_later = isinstance(target, fx.Node) and any(
+            self.position[u] > self.position[node] for u in target.users if u is not node)
+        if not node.users or read_later:
+            raise self.unsupported(node, f"{what}, whose mutation is seen through another reference",
+                                   "use the out-of-place form (y = x + z, not x.add_(z) / inplace=True) there")
 
     def on_placeholder(self, node: fx.Node) -> None:
         if self.steps:
@@ -141,6 +154,8 @@ class _Builder:
         module = self.root.get_submodule(str(node.target))
         name = str(node.target)
         kind = affine_for(module)
+        if getattr(module, "was_inplace", False) and self.data_inputs(node):
+            self.check_inplace(node, f"the in-place module '{name}' ({type(module).__name__}(inplace=True))")
         if kind is not None:
             self.add(node, Step(rules.AFFINE, name, args=self.ref(node.args[:1]), layer=kind.from_module(name, module),
                                 tensor_inputs=self.data_inputs(node)))
@@ -166,9 +181,11 @@ class _Builder:
 
     def on_call_function(self, node: fx.Node) -> None:
         fn = _INPLACE_FUNCTIONS.get(node.target, node.target)
+        if (fn is not node.target or node.kwargs.get("inplace") is True) and self.data_inputs(node):
+            self.check_inplace(node, f"the in-place op '{getattr(node.target, '__name__', node.target)}'")
         if fn is operator.getitem and node.args[0] in self.fused:
-            src_fn, args, kwargs, data = self.fused[node.args[0]]
-            self.add(node, Step(rules.GENERIC, node.name, args=args, kwargs=kwargs,
+            src_fn, args, kwargs, data, src_name = self.fused[node.args[0]]
+            self.add(node, Step(rules.GENERIC, f"{src_name}[{node.args[1]}]", args=args, kwargs=kwargs,
                                 fn=_getitem_of(src_fn, node.args[1]), tensor_inputs=data))
             return
         self.call(node, rules.rule_for_function(fn), fn, node.name, gating=fn in rules.GATING_CALLS,
@@ -179,6 +196,7 @@ class _Builder:
         if name.endswith("_") and not name.endswith("__") and self.data_inputs(node):
             if not hasattr(torch.Tensor, name[:-1]):
                 raise self.unsupported(node, f"the in-place tensor method '.{name}()'", "use an out-of-place op")
+            self.check_inplace(node, f"the in-place tensor method '.{name}()'")
             name = name[:-1]
         self.call(node, rules.rule_for_method(name), _method(name), node.name, gating=name in rules.GATING_CALLS,
                   product=name in rules.PRODUCTS)
@@ -186,7 +204,9 @@ class _Builder:
     def call(self, node: fx.Node, rule: rules.Rule, fn: Callable, name: str, gating: bool,
              product: bool = False) -> None:
         """A function, method or leaf-module call: constant when no input reaches it, else run by ``rule``."""
-        data = self.data_inputs(node)
+        metadata = (fn is getattr and node.args[1] in _METADATA_ATTRS) or (
+            node.op == "call_method" and node.target in _METADATA_METHODS)
+        data = () if metadata else self.data_inputs(node)
         args, kwargs = self.ref(node.args), self.ref(node.kwargs)
         if "inplace" in kwargs:
             kwargs = {**kwargs, "inplace": False}
@@ -197,7 +217,7 @@ class _Builder:
             rule = rules.GENERIC  # alpha=, or x + x: the generic rule gets these right
         if rule is rules.GENERIC and node.users and all(
                 u.op == "call_function" and u.target is operator.getitem for u in node.users):
-            self.fused[node] = (fn, args, kwargs, data)  # e.g. chunk/split or a module returning a tuple
+            self.fused[node] = (fn, args, kwargs, data, name)  # e.g. chunk/split or a module returning a tuple
             self.index[node] = -1
             self.data[node] = True
             return
@@ -330,8 +350,8 @@ class Program:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reverse ``seed`` (B·k, outputs), pair-major per image, back to the input.
 
-        Returns ``(values, exponent)``: each pair's signal is kept normalised (max |v| in [0.5, 1)) after
-        every step that can change its scale, by exact powers of two, so that deep nets never overflow;
+        Returns ``(values, exponent)``: after every step that can change its scale, a pair whose signal
+        drifted far from 1 is rescaled by an exact power of two, so deep nets never overflow or underflow;
         the true map of pair ``i`` is ``values[i] * 2**exponent[i]``.
         """
         ctx = Reverse(tape, k, affine_reverse, constant_gates)
@@ -352,6 +372,11 @@ class Program:
         raise RuntimeError("the output does not depend on the input")
 
 
+#: Binary exponents a pair's signal may drift by before it is renormalised: far inside float32's ±126, so no
+#: single layer can overflow it, and rare enough that most steps cost one reduction.
+_DRIFT = 32
+
+
 class _Scaled:
     """A signal for B·k pairs as ``values * 2**exponent`` (exponent per pair)."""
 
@@ -362,9 +387,15 @@ class _Scaled:
         return e.view(-1, *([1] * (self.values.dim() - 1)))
 
     def normalised(self) -> "_Scaled":
-        amax = self.values.detach().abs().flatten(1).amax(1) if self.values.numel() else self.values.new_zeros(0)
+        """Rescale the pairs whose max |value| left [2^-32, 2^32] back to [0.5, 1) (one reduction otherwise)."""
+        if not self.values.numel():
+            return self
+        amax = torch.linalg.vector_norm(self.values.flatten(1), float("inf"), dim=1)
         _, e = torch.frexp(amax)
-        e = torch.where((amax > 0) & torch.isfinite(amax), e.long(), torch.zeros_like(e, dtype=torch.long))
+        drifted = (amax > 0) & torch.isfinite(amax) & ((e > _DRIFT) | (e < -_DRIFT))
+        if not bool(drifted.any()):
+            return self
+        e = torch.where(drifted, e.long(), torch.zeros_like(e, dtype=torch.long))
         return _Scaled(torch.ldexp(self.values, self._view(-e).to(self.values.dtype)), self.exponent + e)
 
     def plus(self, other: "_Scaled") -> "_Scaled":
