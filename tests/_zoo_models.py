@@ -10,7 +10,8 @@ from torch import nn
 
 from untangle_ext.zoo import check_data, import_torchvision
 
-SIZE = 32  # every tiny model takes 3 x 32 x 32 inputs
+SIZE = 16  # every tiny model takes 3 x 16 x 16 inputs
+N_ESTIMATE = 16  # images the tests estimate the 2 classes on
 
 
 def _head(channels: int) -> nn.Sequential:
@@ -25,7 +26,7 @@ def vgg() -> nn.Module:
     """VGG/AlexNet structure: torchvision's make_layers (conv, BN, ReLU, max-pool) + dropout MLP head."""
     tv = import_torchvision()
     features = tv.models.vgg.make_layers([8, "M", 16, "M"], batch_norm=True)
-    return nn.Sequential(features, nn.Flatten(), nn.Dropout(), nn.Linear(16 * 8 * 8, 16), nn.ReLU(True), nn.Linear(16, 10))
+    return nn.Sequential(features, nn.Flatten(), nn.Dropout(), nn.Linear(16 * 4 * 4, 16), nn.ReLU(True), nn.Linear(16, 10))
 
 
 def resnet() -> nn.Module:
@@ -133,7 +134,7 @@ def swin_v2() -> nn.Module:
 
 def vit() -> nn.Module:
     """ViT: torchvision's VisionTransformer at hidden dim 16 (class token, MultiheadAttention, LayerNorm, GELU)."""
-    return import_torchvision().models.VisionTransformer(image_size=SIZE, patch_size=8, num_layers=1, num_heads=2,
+    return import_torchvision().models.VisionTransformer(image_size=SIZE, patch_size=4, num_layers=1, num_heads=2,
                                                          hidden_dim=16, mlp_dim=32, num_classes=10)
 
 
@@ -162,7 +163,7 @@ def build(family: str, seed: int = 0) -> nn.Module:
     zoo check's inputs is ≥ 1 (a negative logit closes the last layer's gate: its pattern maps are 0)."""
     torch.manual_seed(seed)
     model = FAMILIES[family]().eval()
-    loader, x_attr, _ = check_data((3, SIZE, SIZE))
+    loader, x_attr, _ = check_data((3, SIZE, SIZE), n_estimate=N_ESTIMATE)
     with torch.no_grad():
         low = min(float(model(x).min()) for x in (x_attr, *(batch[0] for batch in loader)))
         _head_bias(model).add_(1.0 - low)
