@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -379,7 +379,7 @@ def run_zoo(names: Sequence[str], json_path: Path, md_path: Path, jobs: int, tim
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(names), desc="model zoo", unit="model") as bar:
         futures = [pool.submit(run_isolated, n, timeout, memory_budget, threads) for n in names]
-        for future in futures:
+        for future in as_completed(futures):
             record = future.result()
             records[record["name"]] = record
             bar.set_postfix_str(f"{record['name']}: {record['status']}")
