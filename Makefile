@@ -16,9 +16,11 @@ TORCH_INDEX ?=
 PIP          = $(VENV)/bin/pip
 PY           = $(VENV)/bin/python
 STAMP        = $(VENV)/.stamp
+# The [ecosystem] extra, pinned as tested (wheels only; none of them replaces torch): CI runs their tests.
+ECOSYSTEM    = "captum==0.9.0" "quantus==0.6.0" "nbclient==0.11.0" "nbformat>=5.10" "ipykernel>=7.4" "ipywidgets>=8.1"
 TORCH_STAMP  = $(VENV)/.torch-$(TORCH_SPEC)$(if $(TORCH_INDEX),-custom-index)
 
-.PHONY: venv demo test quality bench zoo clean
+.PHONY: venv demo test quality docs-quality bench zoo clean
 
 venv: $(STAMP)
 
@@ -34,6 +36,7 @@ NATIVE_SRC   = $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
 
 $(STAMP): pyproject.toml setup.py $(NATIVE_SRC) $(TORCH_STAMP)
 	$(PIP) install numpy matplotlib pillow tqdm pytest hypothesis ninja scikit-learn
+	$(PIP) install $(ECOSYSTEM)
 	$(PIP) install --no-deps "torchvision==$(TORCHVISION_SPEC)"
 	$(PIP) install --no-build-isolation -e .
 	touch $@
@@ -41,7 +44,11 @@ $(STAMP): pyproject.toml setup.py $(NATIVE_SRC) $(TORCH_STAMP)
 demo: venv
 	$(PY) -m untangle_ext.cli demo
 
+# `make quality` writes to results/quality; `make docs-quality` refreshes the tracked figures in docs/quality.
 quality: venv
+	$(PY) -m untangle_ext.cli quality --out results/quality
+
+docs-quality: venv
 	$(PY) -m untangle_ext.cli quality --out docs/quality
 
 test: venv

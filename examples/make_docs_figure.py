@@ -1,6 +1,7 @@
-"""Regenerate ``docs/compat_heatmaps.png``: the joint and difference heatmaps of one digit (top-3 classes).
+"""The README's figure: the joint and difference heatmaps of one digit (top-3 classes).
 
-Run after steps 0 and 1: ``python examples/make_docs_figure.py``.
+Run after steps 0 and 1: ``python examples/make_docs_figure.py`` writes ``examples/output/compat_heatmaps.png``;
+``--out docs/compat_heatmaps.png`` replaces the tracked figure (only when you mean to).
 """
 import os
 
@@ -11,7 +12,7 @@ from untangle_ext.compat import load_stores
 from untangle_ext.data import load_mnist_sample
 
 opts = parse_workdir(__doc__, lambda p: (p.add_argument("--index", type=int, default=942, help="bundled test image (a 9 the model finds close to a 4)"),
-                                         p.add_argument("--out", default=os.path.join(HERE, "..", "docs",
+                                         p.add_argument("--out", default=os.path.join(HERE, "output",
                                                                                       "compat_heatmaps.png"))))
 args = SignalEstimationArgs()
 model_ckpt_path, signal_store_path, _ = tutorial_paths(opts.workdir, args)

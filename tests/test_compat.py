@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import types
+import warnings
 from types import SimpleNamespace
 
 import matplotlib
@@ -26,6 +27,8 @@ from untangle_ext.data import load_mnist_sample  # noqa: E402
 from untangle_ext.external.signal_api import _attribute  # noqa: E402
 from untangle_ext.heatmaps import channel_sum, normalise  # noqa: E402
 from untangle_ext.models import LeNet, train_lenet  # noqa: E402
+from untangle_ext.validation import (ArgumentError, ClassIdError, InputError, InputShapeError,  # noqa: E402
+                                     TopKError)
 
 IMAGES_PER_CLASS = 8
 
@@ -349,33 +352,41 @@ def test_estimate_passes_classes_as_written_and_resumes(tut, tmp_path):
 def test_errors_are_clear(tut, tmp_path):
     ua, model, x, store = UntangleAI(), tut.model, tut.x, tut.signal_store_path
     attribute = functools.partial(ua.attribute_signals, model, x, None, store, None, out_prefix=str(tmp_path / "e"))
-    with pytest.raises(ValueError, match=r"topk=11 is larger than args.num_classes=10"):
+    with pytest.raises(TopKError, match=r"^args\.topk=11 must lie in \[1, 10\]: it is larger than the number of"):
         attribute(_args(topk=11))
-    with pytest.raises(ValueError, match=r"topk=11 is larger than the number of classes \(10\)"):
+    with pytest.raises(TopKError, match=r"^args\.topk=11 must lie in \[1, 10\]: it is larger than the number of"):
         attribute(_args(topk=11, num_classes=None))
     with pytest.raises(FileNotFoundError, match=r"nothing_class_\d\.pkl.*estimate_signals"):
         ua.attribute_signals(model, x, None, str(tmp_path / "nothing"), None, _args(), str(tmp_path / "e"))
     with pytest.raises(FileNotFoundError, match=r"nothing_class_4\.pkl.*estimate_signals"):
         _attribute(model, x, str(tmp_path / "nothing"), 4, _args())
-    with pytest.raises(ValueError, match=r"shape \(1, 28, 28\) but args.img_size is \(3, 28, 28\)"):
+    with pytest.raises(InputShapeError, match=r"^input_tensor: images have shape \(1, 28, 28\) \(batch of 1\), expected \(3, 28, 28\) "
+                                              r"\(args.img_size\); fix args.img_size or resize the images"):
         attribute(_args(img_size=(3, 28, 28)))
-    with pytest.raises(ValueError, match=r"args.img_size is \(1, 32, 32\)"):
+    with pytest.raises(InputShapeError, match=r"^input: images have shape \(1, 28, 28\) \(batch of 1\), expected \(1, 32, 32\) \(args.img_size"):
         _attribute(model, x, store, 4, _args(img_size=(1, 32, 32)))
-    with pytest.raises(ValueError, match=r"class '3' yields images of shape \(1, 28, 28\) but args.img_size"):
+    with pytest.raises(InputShapeError, match=r"class '3': images have shape \(1, 28, 28\) \(batch of 4\), expected "
+                                              r"\(1, 32, 32\) \(args.img_size\); fix args.img_size or resize"):
         ua.estimate_signals(model, str(tmp_path / "w"), lambda c: loaders.load_mnist_per_class(4, c, limit=4)[0],
                             _args(img_size=(1, 32, 32), data_class="3"))
     assert not list(tmp_path.glob("w_class_*"))
-    with pytest.raises(ValueError, match="yielded no images"):
-        ua.estimate_signals(model, str(tmp_path / "z"), lambda c: [], _args(data_class=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an error, not also a warning
+        with pytest.raises(InputError, match=r"classes \['1'\] yielded no images"):
+            ua.estimate_signals(model, str(tmp_path / "z"), lambda c: [], _args(data_class="1"))
+    with pytest.raises(ArgumentError, match=r"names one store file; pass the prefix '.*lenet_signals'"):
+        _attribute(model, x, f"{store}_class_4.pkl", 4, _args())
+    with pytest.raises(ClassIdError, match=r"^class_idx: invalid class id 12"):
+        _attribute(model, x, store, 12, _args())
     with pytest.raises(StoreError, match="different model weights"):
         _attribute(LeNet(), x, store, 4, _args())  # stores of the trained model, weights of a fresh one
-    with pytest.raises(ValueError, match="ONE image"):
+    with pytest.raises(InputShapeError, match=r"^input_tensor has shape \(2, 1, 28, 28\); expected ONE image"):
         ua.attribute_signals(model, x.repeat(2, 1, 1, 1), None, store, None, _args(), str(tmp_path / "e"))
     for field, value, message in [
         ("hm_diff", "both", "hm_diff must be one of"), ("cmap", "nope", "unknown colormap"),
-        ("mode", "train", "args.mode must be one of"), ("batch_size", 0, "args.batch_size must be a positive"),
-        ("data_class", "cat", "invalid class id 'cat'"), ("json", "maybe", "args.json must be a boolean"),
-        ("img_size", (28, 28), "args.img_size must be"), ("num_classes", 5, "args.num_classes=5 but the model has 10"),
+        ("mode", "train", "args.mode='train': must be one of"), ("batch_size", 0, "args.batch_size=0: must be a positive"),
+        ("data_class", "cat", "args.data_class: invalid class id 'cat'"), ("json", "maybe", "args.json='maybe': must be a"),
+        ("img_size", (28, 28), r"args.img_size=\(28, 28\): must be"), ("num_classes", 5, "args.num_classes=5 but the model has 10"),
         ("mname", "", "args.mname"),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -415,7 +426,7 @@ def test_cli_estimate_and_attribute(tut, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no signal store"):
         cli.main(["attribute", *model_args, "--store-prefix", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="module:factory"):
-        cli.main(["estimate", "--model", "LeNet", "--store-prefix", str(tmp_path / "c")])
+        cli.main(["estimate", "--model", "LeNet", "--random-weights", "--store-prefix", str(tmp_path / "c")])
 
 
 def test_example_scripts_run_offline(tut, tmp_path, monkeypatch):
@@ -425,6 +436,7 @@ def test_example_scripts_run_offline(tut, tmp_path, monkeypatch):
 
     examples = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
     monkeypatch.syspath_prepend(examples)
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # a script, not a notebook: the static sweep figure
     shutil.copy(os.path.join(tut.root, "notebook", "lenet_mnist_model.h5"), tmp_path)
     for script, extra in (("step1_estimate_signals.py", ["--limit", "4"]), ("step2_attribute_signals.py", [])):
         monkeypatch.setattr(sys, "argv", [script, "--workdir", str(tmp_path), *extra])
@@ -433,3 +445,21 @@ def test_example_scripts_run_offline(tut, tmp_path, monkeypatch):
     results = sorted(p.name for p in (tmp_path / "results").iterdir())
     assert sum(name.endswith(".JPEG") for name in results) == 7
     assert any(name.endswith("_threshold_sweep.png") for name in results)
+
+
+def test_compat_traces_the_model_once_per_call(tut, tmp_path, monkeypatch):
+    from untangle_ext import trace
+
+    traced = []
+    original = trace.Program.__init__
+    monkeypatch.setattr(trace.Program, "__init__", lambda self, model: traced.append(1) or original(self, model))
+    UntangleAI().attribute_signals(tut.model, tut.x, None, tut.signal_store_path, None, _args(topk=3),
+                                   str(tmp_path / "p"))
+    assert len(traced) == 1
+    traced.clear()
+    _attribute(tut.model, tut.x, tut.signal_store_path, 4, _args())
+    assert len(traced) == 1
+    traced.clear()
+    UntangleAI().estimate_signals(tut.model, str(tmp_path / "e"),
+                                  lambda c: loaders.load_mnist_per_class(8, c, limit=8)[0], _args(data_class=[1, 2]))
+    assert len(traced) == 1

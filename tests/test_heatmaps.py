@@ -97,7 +97,7 @@ def test_image_to_rgb_accepts_tutorial_inputs(make):
 def test_overlay_blends_and_checks_size():
     heat = heatmaps.to_rgb(np.ones((4, 5)))
     out = heatmaps.overlay(heat, np.zeros((4, 5)), alpha=0.5)
-    np.testing.assert_allclose(out, heat * 0.5 + 0.5 * 0, atol=1e-7)  # constant image → min-max keeps 0
+    np.testing.assert_allclose(out, heat, atol=1e-7)  # a blank image leaves the heatmap's colours as they are
     with pytest.raises(ValueError, match="pass the image as the model sees it"):
         heatmaps.overlay(heat, np.zeros((8, 8)))
     with pytest.raises(ValueError, match="H×W×C"):
@@ -164,3 +164,35 @@ def test_slider_with_ipywidgets_uses_interact(monkeypatch):
     slider.slider(torch.randn(3, 8, 8))
     plt.close("all")
     assert calls == [(0.0, 0.99, 0.01)]
+
+
+@pytest.mark.parametrize("dark_background", [True, False])
+def test_overlay_zero_is_white_on_the_background_as_the_colour_bar_says(dark_background):
+    digit = np.zeros((6, 6), dtype=np.float32)
+    digit[2:4, 1:5] = 1.0  # a stroke
+    image = digit if dark_background else 1.0 - digit  # white-on-black digit, or dark ink on paper
+    heat = heatmaps.to_rgb(np.zeros((6, 6)))  # zero attribution everywhere: white
+    out = heatmaps.overlay(heat, image, alpha=0.7)
+    np.testing.assert_allclose(out[digit == 0], 1.0, atol=1e-6)  # background: exactly the colour bar's 0
+    np.testing.assert_allclose(out[digit == 1], 0.7, atol=1e-6)  # stroke: darkened by 1 - alpha
+    red = heatmaps.to_rgb(np.ones((6, 6)))
+    np.testing.assert_allclose(heatmaps.overlay(red, image)[digit == 0], red[digit == 0], atol=1e-6)
+
+
+def test_lookup_table_colours_equal_matplotlib_everywhere():
+    values = np.linspace(-1.0, 1.0, 10001)
+    expected = heatmaps.colormap("seismic")((values + 1.0) / 2.0)[..., :3]
+    np.testing.assert_allclose(heatmaps.to_rgb(values), expected, atol=1e-6)
+    np.testing.assert_array_equal(heatmaps.to_rgb(np.array([0.0]))[0], [1.0, 1.0, 1.0])
+
+
+def test_save_panel_draws_panel_and_colour_bar_with_pil(tmp_path):
+    m = np.zeros((28, 28))
+    m[:, :14] = 1.0  # left half +1 (dark red), right half 0 (white)
+    path = heatmaps.save_panel(tmp_path / "p_class_0.JPEG", heatmaps.to_rgb(m), "top-1: 7", label="attribution")
+    with Image.open(path) as img:
+        assert img.format == "JPEG" and min(img.size) >= 320
+        a = np.asarray(img.convert("RGB")).astype(int)
+    red, white = heatmaps.to_rgb(np.array([1.0, 0.0])) * 255
+    assert np.abs(a[100, 60] - red).max() < 12 and np.abs(a[100, 300] - white).max() < 12  # nearest upscale ×12
+    assert os.listdir(tmp_path) == ["p_class_0.JPEG"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from untangle_ext import loaders
+from untangle_ext import loaders, validation
 from untangle_ext.data import load_mnist_sample
 from untangle_ext.models import residual_net
 
@@ -42,17 +42,34 @@ def _fresh_notices(monkeypatch):
     monkeypatch.delenv(loaders.MNIST_DIR_ENV, raising=False)
 
 
-def test_parse_classes_and_as_bool():
-    assert loaders.parse_classes(None) is None
-    assert loaders.parse_classes(3) == [3] and loaders.parse_classes("945") == [945]
-    assert loaders.parse_classes(["1", 2, np.int64(4)]) == [1, 2, 4]
+def test_class_ids_and_booleans_come_from_validation():
+    assert validation.class_ids(None, None, "data_class") is None
+    assert validation.class_ids(3, None, "c") == [3] and validation.class_ids("945", None, "c") == [945]
+    assert validation.class_ids(["1", 2, np.int64(4)], None, "c") == [1, 2, 4]
     for bad in ("cat", True, 1.5, [], 10):
-        with pytest.raises(ValueError, match="class id|empty"):
-            loaders.parse_classes(bad, 10)
-    assert loaders.as_bool("False", "x") is False and loaders.as_bool("True", "x") is True
-    assert loaders.as_bool(1, "x") is True
-    with pytest.raises(ValueError, match="is_resnet must be a boolean"):
-        loaders.as_bool("maybe", "is_resnet")
+        with pytest.raises(validation.ClassIdError, match=r"args\.data_class.*(class id|empty)"):
+            validation.class_ids(bad, 10, "args.data_class")
+    assert validation.boolean("False", "x") is False and validation.boolean("True", "x") is True
+    assert validation.boolean(1, "x") is True
+    with pytest.raises(validation.ArgumentError, match="is_resnet='maybe': must be a boolean"):
+        validation.boolean("maybe", "is_resnet")
+    with pytest.raises(validation.ClassIdError, match="data_class: invalid class id 12"):
+        loaders.load_mnist_per_class(4, 12)
+
+
+def test_missing_data_dir_is_an_error_naming_the_path(tmp_path, monkeypatch):
+    typo = tmp_path / "mnsit"
+    with pytest.raises(loaders.MissingDataError, match=r"data_dir='.*mnsit': no such folder.*download=True"):
+        loaders.load_mnist_per_class(8, 3, data_dir=typo)
+    monkeypatch.setenv(loaders.MNIST_DIR_ENV, str(typo))
+    with pytest.raises(FileNotFoundError, match=r"\$UNTANGLE_EXT_MNIST_DIR='.*mnsit': no such folder"):
+        loaders.load_mnist_tensors(train=False)
+
+
+def test_existing_empty_data_dir_falls_back_with_a_notice_naming_it(tmp_path, capsys):
+    x, _ = loaders.load_mnist_tensors(train=False, classes=[1], data_dir=tmp_path)
+    assert x.shape[0] == 100  # the bundled sample's test split of class 1
+    assert f"no MNIST IDX files of the test split in {tmp_path}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("gz", [True, False])

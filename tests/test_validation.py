@@ -83,8 +83,24 @@ def test_later_batch_of_another_shape(model):
 
 
 def test_shape_the_model_cannot_take(model):
-    with pytest.raises(InputShapeError, match=r"do not fit the model .*first layer '0' takes 1 input channels"):
+    with pytest.raises(InputShapeError, match=r"do not fit the model: its first layer '0' is a Conv2d taking \(B, 1, H, W\)"):
         _fit(model, [(torch.randn(4, 3, 6, 6), torch.zeros(4, dtype=torch.long))])
+    # larger images pass the convolutions; the message names the Linear layer they do not fit
+    with pytest.raises(InputShapeError, match=r"\(1, 8, 8\).*its Linear layer '4' takes 8 features but gets 18"):
+        _fit(model, [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))])
+
+
+def test_one_image_without_batch_and_channel_dims_is_named(attributor):
+    with pytest.raises(InputShapeError, match=r"got a tensor of shape \(6, 6\); expected a batch of images "
+                                              r"\(B, 1, 6, 6\).*x\[None, None\]"):
+        attributor.explain(torch.randn(6, 6))
+
+
+def test_empty_loader_is_an_error_in_fit(model):
+    from untangle_ext.validation import EmptyLoaderError
+
+    with pytest.raises(EmptyLoaderError, match="yielded no images"):
+        _fit(model, [])
 
 
 def test_attribution_checks_the_stores_image_size(attributor, model):
@@ -170,7 +186,7 @@ def test_class_missing_from_one_pass_loader_warns(model):
     assert sorted(stores) == [0, 1]
 
 
-@pytest.mark.parametrize("topk, cause", [(NUM_CLASSES + 1, "topk=4 must lie in \\[1, 3\\]"), (0, "topk=0"),
+@pytest.mark.parametrize("topk, cause", [(NUM_CLASSES + 1, "topk=4 must lie in \\[1, 3\\]: it is larger than the number of classes"), (0, "topk=0"),
                                          (1.5, "must be an int"), (True, "must be an int")])
 def test_topk(attributor, topk, cause):
     with pytest.raises(TopKError, match=cause):

@@ -48,6 +48,13 @@ class Explanation:
     def probabilities(self) -> torch.Tensor:
         return torch.softmax(self.logits, dim=1)
 
+    def __repr__(self) -> str:
+        """Shapes and the target classes, not the tensors (a repr of two images was 4 KB)."""
+        shown = self.targets[:4].tolist()
+        more = f" … ({self.targets.shape[0]} images)" if self.targets.shape[0] > 4 else ""
+        return (f"Explanation(attributions={tuple(self.attributions.shape)} {str(self.attributions.dtype)[6:]}, "
+                f"targets={shown}{more}, logits={tuple(self.logits.shape)})")
+
 
 class Attributor:
     """Explain a model's predictions with PatternAttribution, PatternNet or the gradient.

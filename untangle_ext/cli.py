@@ -1,7 +1,9 @@
-"""Command line: ``untangle-ext {demo,...}``. Each subcommand lives in its own small function."""
+"""Command line: ``untangle-ext {demo,estimate,attribute,quality,bench}``. Each subcommand lives in its own
+small function; every user error leaves as one ``untangle-ext <command>: error: ...`` line (see ``_user_errors``)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 from pathlib import Path
 from typing import Optional, Sequence
@@ -9,7 +11,47 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from . import validation
+from ._version import __version__
 
+DESCRIPTION = """\
+PatternNet / PatternAttribution explanations for PyTorch image classifiers.
+
+  untangle-ext demo                  LeNet on the bundled MNIST sample: train or reuse, estimate, explain
+  untangle-ext estimate  --model M --checkpoint CKPT --store-prefix P     write P_class_{c}.pkl
+  untangle-ext attribute --model M --checkpoint CKPT --store-prefix P     explain one image (JPEG / JSON)
+
+Run `untangle-ext <command> --help` for a command's options (defaults are shown)."""
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default when it has a meaningful one (not None / False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class CliError(Exception):
+    """A user's mistake on the command line; printed as one error line by :func:`_user_errors`."""
+
+
+def _user_errors(command):
+    """Report a user's mistake (bad option, missing file, unusable store) as one prefixed line, not a traceback."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (CliError, OSError, ValueError, KeyError, TypeError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise SystemExit(f"untangle-ext {args.command}: error: {message}") from exc
+
+    return run
+
+
+@_user_errors
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -17,14 +59,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@_user_errors
 def _bench(args: argparse.Namespace) -> int:
     """Run the benchmark suite of a source checkout (benchmarks/ is not part of the installed package)."""
     import sys
 
     root = Path(__file__).resolve().parents[1]
     if not (root / "benchmarks" / "suite.py").is_file():
-        raise SystemExit(f"untangle-ext bench: no benchmarks/ folder next to the package ({root}); "
-                         "run it from a clone of the repository (pip install -e .)")
+        raise CliError(f"no benchmarks/ folder next to the package ({root}); run it from a clone of the repository "
+                       "(pip install -e .)")
     sys.path.insert(0, str(root))
     from benchmarks.suite import main as bench_main
 
@@ -36,48 +79,60 @@ def load_model(spec: str, checkpoint: Optional[str] = None) -> nn.Module:
     checkpoint safely (weights only), and put it in eval mode."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise SystemExit(f"--model must look like 'package.module:factory' (e.g. untangle_ext.models:LeNet), "
-                         f"not {spec!r}")
+        raise CliError(f"--model must look like 'package.module:factory' (e.g. untangle_ext.models:LeNet), "
+                       f"not {spec!r}")
     try:
         factory = importlib.import_module(module_name)
         for part in attr.split("."):
             factory = getattr(factory, part)
     except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"cannot find {spec!r}: {exc}") from exc
+        raise CliError(f"--model {spec}: cannot find it ({exc})") from exc
     model = factory()
     if not isinstance(model, nn.Module):
-        raise SystemExit(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+        raise CliError(f"--model {spec} returned {type(model).__name__}, not a torch.nn.Module")
     if checkpoint:
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-            model.load_state_dict(state)
-        except Exception as exc:  # a foreign, corrupt or mismatched file: say which
-            raise SystemExit(f"cannot load the state_dict in {checkpoint} into {spec}: {exc}") from exc
+        _load_state(model, spec, checkpoint)
     return model.eval()
 
 
-def _user_errors(command):
-    """Report a user's mistake (missing file, bad argument, unusable store) as one line, not a traceback."""
-    import functools
+def _load_state(model: nn.Module, spec: str, checkpoint: str) -> None:
+    """Load a ``torch.save(model.state_dict(), path)`` file into ``model``, naming what is wrong with it."""
+    if not Path(checkpoint).is_file():
+        raise CliError(f"--checkpoint {checkpoint}: no such file")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, or one holding more than tensors: never unpickle it
+        raise CliError(f"--checkpoint {checkpoint}: not a state_dict file of plain tensors (torch.load with "
+                       f"weights_only=True refused it: {type(exc).__name__}). Save the weights with "
+                       "torch.save(model.state_dict(), path)") from exc
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise CliError(f"--checkpoint {checkpoint} holds a {type(state).__name__}, not a state_dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CliError(f"--checkpoint {checkpoint} does not fit --model {spec}: "
+                       f"{' '.join(str(exc).split())[:300]} (a checkpoint of another model?)") from exc
 
-    @functools.wraps(command)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SystemExit(f"untangle-ext {args.command}: error: {exc}") from exc
 
-    return run
+def _model_from(args: argparse.Namespace) -> nn.Module:
+    """The model of --model with the weights of --checkpoint (or, when asked, its random initial weights)."""
+    if args.random_weights:
+        print(f"untangle-ext {args.command}: note: --random-weights: {args.model} keeps its untrained initial weights")
+    return load_model(args.model, args.checkpoint)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model factory as module:callable, e.g. untangle_ext.models:LeNet")
-    p.add_argument("--checkpoint", help="state_dict file to load into the model (torch.save of model.state_dict())")
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="state_dict file to load into the model (torch.save of "
+                                              "model.state_dict()); e.g. the demo's .cache/lenet_mnist.pt")
+    weights.add_argument("--random-weights", action="store_true",
+                         help="use the model's untrained initial weights (only for trying the tool out)")
     p.add_argument("--store-prefix", required=True,
                    help="signal store prefix; files are {prefix}_class_{c}.pkl (the tutorial's signal_store_path)")
     p.add_argument("--img-size", type=int, nargs=3, default=(1, 28, 28), metavar=("C", "H", "W"),
-                   help="input size of the model (default 1 28 28)")
+                   help="input size of the model")
 
 
 @_user_errors
@@ -85,16 +140,17 @@ def _estimate(args: argparse.Namespace) -> int:
     from .compat import UntangleAI
 
     ua = UntangleAI()
-    model = load_model(args.model, args.checkpoint)
+    model = _model_from(args)
     compat_args = argparse.Namespace(mname="cli", batch_size=args.batch_size, img_size=tuple(args.img_size),
                                      data_class=args.classes or None)
     if args.imagenet_dir:
         if not args.synset_map:
-            raise SystemExit("--imagenet-dir needs --synset-map (a file whose line i starts with the synset of "
-                             "class i)")
+            raise CliError("--imagenet-dir needs --synset-map (a file whose line i starts with the synset of class i)")
         loader = lambda c: ua.load_imagenet_per_class(args.batch_size, args.imagenet_dir, args.synset_map, c,
                                                       args.resnet)[0]
     else:
+        if args.data_dir:
+            validation.data_folder(args.data_dir, "--data-dir", created=args.download)
         loader = lambda c: ua.load_mnist_per_class(args.batch_size, c, data_dir=args.data_dir, download=args.download,
                                                    limit=args.limit)[0]
     written = ua.estimate_signals(model, args.store_prefix, loader, compat_args, overwrite=args.overwrite)
@@ -120,9 +176,10 @@ def _input_image(args: argparse.Namespace) -> torch.Tensor:
         return x[None]
     from .data import load_mnist_sample
 
-    images, _ = load_mnist_sample("test")
+    images, labels = load_mnist_sample("test")
     if not 0 <= args.mnist_index < len(images):
-        raise SystemExit(f"--mnist-index must lie in [0, {len(images)}) (the bundled test split)")
+        raise CliError(f"--mnist-index {args.mnist_index} must lie in [0, {len(images)}) (the bundled test split)")
+    print(f"explaining image {args.mnist_index} of the bundled MNIST test split (label {int(labels[args.mnist_index])})")
     return images[args.mnist_index][None]
 
 
@@ -130,7 +187,10 @@ def _input_image(args: argparse.Namespace) -> torch.Tensor:
 def _attribute(args: argparse.Namespace) -> int:
     from .compat import UntangleAI
 
-    model = load_model(args.model, args.checkpoint)
+    from .trace import Program
+
+    model = _model_from(args)
+    validation.check_topk(args.topk, Program(model).num_outputs, "--topk")
     x = _input_image(args)
     compat_args = argparse.Namespace(mname="cli", img_size=tuple(args.img_size), topk=args.topk, cmap=args.cmap,
                                      json=args.json, hm_diff=args.hm_diff)
@@ -140,11 +200,13 @@ def _attribute(args: argparse.Namespace) -> int:
 
 
 def _add_estimate(sub) -> None:
-    p = sub.add_parser("estimate", help="estimate per-class signals of a model and write one store per class")
+    p = sub.add_parser("estimate", help="estimate per-class signals of a model and write one store per class",
+                       formatter_class=_Help)
     _model_args(p)
     p.add_argument("--classes", type=int, nargs="*", help="classes to estimate (default: all)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--data-dir", help="MNIST IDX files (default: $UNTANGLE_EXT_MNIST_DIR, else the bundled sample)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--data-dir", help="folder of MNIST IDX files (must exist; default: $UNTANGLE_EXT_MNIST_DIR, else "
+                                      "the bundled 5,000-image sample)")
     p.add_argument("--download", action="store_true", help="download MNIST (sha256-checked) into --data-dir")
     p.add_argument("--limit", type=int, help="at most this many MNIST images per class")
     p.add_argument("--imagenet-dir", help="ImageNet-style folder with one sub-folder per synset (instead of MNIST)")
@@ -155,16 +217,19 @@ def _add_estimate(sub) -> None:
 
 
 def _add_attribute(sub) -> None:
-    p = sub.add_parser("attribute", help="explain one image for its top-k classes: JPEG heatmaps or JSON")
+    p = sub.add_parser("attribute", help="explain one image for its top-k classes: JPEG heatmaps or JSON",
+                       formatter_class=_Help)
     _model_args(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--image", help="image file to explain (resized to --img-size)")
-    src.add_argument("--mnist-index", type=int, default=0, help="image of the bundled MNIST test split (default 0)")
+    src.add_argument("--mnist-index", type=int, default=0,
+                     help="image of the bundled MNIST test split: 100 per digit, sorted by digit (700-799 are 7s)")
     p.add_argument("--resnet", action="store_true", help="normalise --image with ImageNet mean/std")
-    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--topk", type=int, default=3, help="explain the k most probable classes")
     p.add_argument("--out-prefix", default="results/image_signals", help="output files are {prefix}_class_{i}.JPEG ...")
-    p.add_argument("--cmap", default="seismic")
-    p.add_argument("--hm-diff", default="joint", choices=("joint", "single"))
+    p.add_argument("--cmap", default="seismic", help="matplotlib colormap (a diverging one keeps 0 white)")
+    p.add_argument("--hm-diff", default="joint", choices=("joint", "single"),
+                   help="joint: the top-k maps share one scale; single: one scale per map")
     p.add_argument("--json", action="store_true", help="write {prefix}.json instead of JPEGs")
     p.set_defaults(func=_attribute)
 
@@ -185,7 +250,8 @@ def _quality(args: argparse.Namespace) -> int:
 
 
 def _add_quality(sub) -> None:
-    p = sub.add_parser("quality", help="signal quality rho(S) per layer and image degradation on MNIST")
+    p = sub.add_parser("quality", help="signal quality rho(S) per layer and image degradation on MNIST",
+                       formatter_class=_Help)
     p.add_argument("--out", default="results/quality", help="output folder for figures and quality.json")
     p.add_argument("--cache", default=".cache/lenet_mnist.pt", help="trained LeNet checkpoint (reused)")
     p.add_argument("--images", type=int, default=200, help="held-out images for the degradation curves")
@@ -195,10 +261,49 @@ def _add_quality(sub) -> None:
     p.set_defaults(func=_quality)
 
 
+@_user_errors
+def _report(args: argparse.Namespace) -> int:
+    import time
+
+    from .report import build, mnist_inputs, screenshot
+
+    start = time.perf_counter()
+    model = load_model(args.model, args.checkpoint) if args.model else None
+    model, stores, loader = mnist_inputs(model, args.store_prefix, args.cache, args.batch_size)
+    ready = time.perf_counter()
+    report = build(model, stores, loader, args.out, n=args.n, by=args.by, topk=args.topk, batch_size=args.batch_size)
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.data["seconds"].items() if k != "total_before_writing")
+    print(f"model and stores {ready - start:.1f} s; report {time.perf_counter() - ready:.1f} s ({stages})")
+    if args.screenshot:
+        print(f"screenshot: {screenshot(report.html, args.screenshot)}")
+    print(f"report: {report.html.resolve()}  (numbers: {report.json.name})")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="HTML report explaining the most uncertain and most confident wrong predictions",
+                       formatter_class=_Help)
+    p.add_argument("--out", default="results/report.html", help="report file; its numbers go to the same name .json")
+    p.add_argument("--n", type=int, default=50, help="images per section (most uncertain, most confident wrong)")
+    p.add_argument("--by", default="margin", choices=("margin", "entropy"), help="uncertainty measure to rank by")
+    p.add_argument("--topk", type=int, default=3, help="classes explained per image (>= 2)")
+    p.add_argument("--model", help="model factory as module:callable (default: the demo's LeNet, trained if needed)")
+    p.add_argument("--checkpoint", help="with --model: state_dict file to load into the model")
+    p.add_argument("--store-prefix", help="signal stores {prefix}_class_{c}.pkl (default: estimate them on the "
+                                          "bundled MNIST train split)")
+    p.add_argument("--cache", default=".cache/lenet_mnist.pt", help="trained LeNet checkpoint (reused)")
+    p.add_argument("--batch-size", type=int, default=250, help="images per forward pass")
+    p.add_argument("--screenshot", help="also write a PNG screenshot of the report (needs Chromium)")
+    p.set_defaults(func=_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="untangle-ext", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="LeNet on the bundled MNIST sample: estimate signals, write heatmaps")
+    parser = argparse.ArgumentParser(prog="untangle-ext", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    demo = sub.add_parser("demo", help="LeNet on the bundled MNIST sample: estimate signals, write heatmaps",
+                          formatter_class=_Help)
     demo.add_argument("--results", default="results", help="output folder for the figures")
     demo.add_argument("--cache", default=".cache/lenet_mnist.pt", help="trained LeNet checkpoint (reused)")
     demo.add_argument("--digits", type=int, default=4, help="held-out digits to explain")
@@ -210,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_estimate(sub)
     _add_attribute(sub)
     _add_quality(sub)
+    _add_report(sub)
     return parser
 
 

@@ -12,6 +12,8 @@ is never modified (nothing here calls it: the engine runs a traced copy of its f
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -20,11 +22,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import heatmaps, loaders, slider
+from . import heatmaps, loaders, slider, validation
 from .attribution import Attributor
 from .estimator import SignalEstimator
-from .store import SignalStore, class_store_path
+from .store import SignalStore, class_store_path, model_fingerprint
 from .trace import Program
+from .validation import EmptyClassWarning, InputError
 
 MODES = ("estimate", "attribute")
 FILE_KIND = {"class": "", "diff": "diff_", "invDiff": "invDiff_"}  # map kind → tutorial file name part
@@ -47,22 +50,6 @@ class CompatArgs:
     hm_diff: str = "joint"
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"args.{name} must be a positive integer, not {value!r}")
-    return int(value)
-
-
-def _img_size(value: Any) -> Optional[tuple[int, ...]]:
-    if value is None:
-        return None
-    size = tuple(value) if isinstance(value, (tuple, list, torch.Size)) else None
-    if size is None or len(size) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
-                                             for v in size):
-        raise ValueError(f"args.img_size must be (C, H, W), e.g. (1, 28, 28), not {value!r}")
-    return tuple(int(v) for v in size)
-
-
 def resolve_args(args: Any) -> CompatArgs:
     """Read the tutorial's fields from any object (or mapping); defaults for missing ones, clear errors for bad ones."""
     def get(name: str, default: Any) -> Any:
@@ -72,23 +59,21 @@ def resolve_args(args: Any) -> CompatArgs:
     d = CompatArgs()
     mname = get("mname", d.mname)
     if not isinstance(mname, str) or not mname:
-        raise ValueError(f"args.mname must be a non-empty string (used in file names), not {mname!r}")
+        raise validation.ArgumentError(f"args.mname must be a non-empty string (used in file names), not {mname!r}")
     num_classes = get("num_classes", None)
-    num_classes = None if num_classes is None else _positive_int(num_classes, "num_classes")
-    mode = get("mode", d.mode)
-    if mode not in MODES:
-        raise ValueError(f"args.mode must be one of {MODES}, not {mode!r}")
-    topk = _positive_int(get("topk", d.topk), "topk")
-    if num_classes is not None and topk > num_classes:
-        raise ValueError(f"args.topk={topk} is larger than args.num_classes={num_classes}")
+    num_classes = None if num_classes is None else validation.positive_int(num_classes, "args.num_classes")
+    topk = validation.positive_int(get("topk", d.topk), "args.topk")
+    if num_classes is not None:
+        validation.check_topk(topk, num_classes, "args.topk")
     cmap = get("cmap", d.cmap)
     heatmaps.colormap(cmap)
     data_class = get("data_class", None)
     return CompatArgs(
-        mname=mname, batch_size=_positive_int(get("batch_size", d.batch_size), "batch_size"),
-        num_classes=num_classes, img_size=_img_size(get("img_size", None)), data_class=data_class,
-        classes=loaders.parse_classes(data_class, num_classes), mode=mode, topk=topk, cmap=cmap,
-        json=loaders.as_bool(get("json", d.json), "args.json"),
+        mname=mname, batch_size=validation.positive_int(get("batch_size", d.batch_size), "args.batch_size"),
+        num_classes=num_classes, img_size=validation.image_size(get("img_size", None), "args.img_size"),
+        data_class=data_class, classes=validation.class_ids(data_class, num_classes, "args.data_class"),
+        mode=validation.choice(get("mode", d.mode), MODES, "args.mode"), topk=topk, cmap=cmap,
+        json=validation.boolean(get("json", d.json), "args.json"),
         hm_diff=heatmaps.check_hm_diff(get("hm_diff", d.hm_diff)),
     )
 
@@ -97,24 +82,52 @@ def check_model(program: Program, a: CompatArgs) -> None:
     """args.num_classes, args.topk and args.data_class must fit the model's number of outputs."""
     n = program.num_outputs
     if a.num_classes is not None and a.num_classes != n:
-        raise ValueError(f"args.num_classes={a.num_classes} but the model has {n} outputs; fix args.num_classes")
-    if a.topk > n:
-        raise ValueError(f"args.topk={a.topk} is larger than the number of classes ({n})")
-    bad = [c for c in (a.classes or []) if c >= n]
-    if bad:
-        raise ValueError(f"args.data_class {bad} is out of range: the model has {n} classes (0..{n - 1})")
+        raise validation.ArgumentError(f"args.num_classes={a.num_classes} but the model has {n} outputs; fix "
+                                       "args.num_classes")
+    validation.check_topk(a.topk, n, "args.topk")
+    validation.class_ids(a.classes, n, "args.data_class")
 
 
-def load_stores(signal_store_path: str, classes: Iterable[int]) -> dict[int, SignalStore]:
-    """Load the tutorial's per-class store files; a missing one names the file and how to make it."""
+def load_stores(signal_store_path: str, classes: Iterable[int], program: Optional[Program] = None,
+                fingerprint: Optional[str] = None) -> dict[int, SignalStore]:
+    """Load the tutorial's per-class store files; a missing one names the file and how to make it.
+
+    With ``program`` (and the model's ``fingerprint``) each store is checked against that model.
+    """
     classes = list(dict.fromkeys(int(c) for c in classes))
+    _check_prefix(signal_store_path)
     missing = [str(class_store_path(signal_store_path, c)) for c in classes
                if not class_store_path(signal_store_path, c).is_file()]
     if missing:
         raise FileNotFoundError(f"no signal store for {len(missing)} class(es): {', '.join(missing)}. Run "
                                 f"UntangleAI().estimate_signals(model, {str(signal_store_path)!r}, train_loader_fun, "
                                 "args) for these classes first")
-    return {c: SignalStore.load(class_store_path(signal_store_path, c)) for c in classes}
+    stores = {c: SignalStore.load(class_store_path(signal_store_path, c), expected_class=c) for c in classes}
+    if program is not None:
+        for store in stores.values():
+            store.check_matches(program, fingerprint)
+    return stores
+
+
+def _check_prefix(signal_store_path: Any) -> None:
+    """A prefix that already names one store file (``..._class_3.pkl``) is the likely mistake: say so."""
+    match = re.search(r"^(.*)_class_\d+\.pkl$", os.fspath(signal_store_path))
+    if match:
+        raise validation.ArgumentError(
+            f"signal_store_path={os.fspath(signal_store_path)!r} names one store file; pass the prefix "
+            f"{match.group(1)!r} (the files are {{prefix}}_class_{{c}}.pkl)")
+
+
+def attributor_for(model: nn.Module, a: CompatArgs) -> Attributor:
+    """An :class:`Attributor` of ``model`` with no stores yet: the ONE trace of a compat call."""
+    attributor = Attributor(model)
+    check_model(attributor.program, a)
+    return attributor
+
+
+def add_stores(attributor: Attributor, model: nn.Module, signal_store_path: str, classes: Iterable[int]) -> None:
+    """Load the stores of ``classes`` (checked against the attributor's traced model) into ``attributor``."""
+    attributor.stores.update(load_stores(signal_store_path, classes, attributor.program, model_fingerprint(model)))
 
 
 @dataclass
@@ -139,9 +152,9 @@ class _CheckedLoader:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             if x is None:
                 continue
-            if self.img_size is not None and tuple(x.shape[1:]) != self.img_size:
-                raise ValueError(f"the loader for class {self.label!r} yields images of shape {tuple(x.shape[1:])} "
-                                 f"but args.img_size is {self.img_size}; fix args.img_size or the loader")
+            if isinstance(x, torch.Tensor):
+                validation.check_shape(x.shape, self.img_size, f"the loader for class {self.label!r}",
+                                       "args.img_size")
             yield batch if isinstance(batch, (tuple, list)) else (batch, None)
 
 
@@ -189,11 +202,16 @@ class UntangleAI:
         check_model(estimator.program, a)
         label = (dict(zip(a.classes, self._as_list(a.data_class))) if a.classes
                  else {c: str(c) for c in estimator.classes})
-        written = estimator.fit_to_files(
-            signal_store_path, lambda c: _CheckedLoader(train_loader_fun(label[c]), a.img_size, label[c]), overwrite)
+        _check_prefix(signal_store_path)
+        with warnings.catch_warnings():  # an empty class is an error here (below), not also a warning
+            warnings.simplefilter("ignore", EmptyClassWarning)
+            written = estimator.fit_to_files(
+                signal_store_path, lambda c: _CheckedLoader(train_loader_fun(label[c]), a.img_size, label[c]),
+                overwrite)
         empty = [label[c] for c in estimator.classes if c not in written]
         if empty:
-            raise ValueError(f"the loaders of classes {empty} yielded no images; no store was written for them")
+            raise InputError(f"the loaders of classes {empty} yielded no images; no store was written for them. "
+                             "Check train_loader_fun for these classes (the tutorial asked for their files)")
         return written
 
     @staticmethod
@@ -209,7 +227,10 @@ class UntangleAI:
     def signal_attribution(self, model: nn.Module, signal_store_path: str,
                            classes: Optional[Sequence[int]] = None) -> Attributor:
         """The native attributor with the stores of ``classes`` (default: every class) loaded."""
-        return Attributor(model, load_stores(signal_store_path, classes or range(Program(model).num_outputs)))
+        attributor = Attributor(model)
+        ids = validation.class_ids(classes, attributor.num_classes, "classes") or range(attributor.num_classes)
+        add_stores(attributor, model, signal_store_path, ids)
+        return attributor
 
     def get_topk_pred(self, model: nn.Module, input: torch.Tensor,  # noqa: A002 (the tutorial's name)
                       ID2Name_Map: Optional[Mapping[Any, str]], topk: int) -> loaders.TopK:
@@ -227,11 +248,11 @@ class UntangleAI:
         Returns the written paths.
         """
         a = resolve_args(args)
-        x = loaders.single_image(input_tensor, a.img_size)
-        program = Program(model)
-        check_model(program, a)
-        logits, probs, names, ids = loaders.topk_pred(program, x, ID2Name_Map, a.topk)
-        explanation = Attributor(model, load_stores(signal_store_path, ids)).explain(x, target=torch.tensor([ids]))
+        x = validation.one_image(input_tensor, a.img_size, "input_tensor")
+        attributor = attributor_for(model, a)
+        logits, probs, names, ids = loaders.topk_pred(attributor.program, x, ID2Name_Map, a.topk, "args.topk")
+        add_stores(attributor, model, signal_store_path, ids)
+        explanation = attributor.explain(x, target=torch.tensor([ids]))
         maps = heatmaps.explanation_maps(explanation.attributions[0].cpu(), a.hm_diff)
         if a.json:
             return [self._write_json(out_prefix, a, maps, logits, probs, names, ids)]
@@ -243,7 +264,7 @@ class UntangleAI:
         if kind == "class":
             return [f"top-{i + 1}: {n} [{c}]  p={p:.3f}" for i, (n, c, p) in enumerate(zip(names, ids, probs))]
         pairs = [(names[0], n) for n in names[1:]]
-        return [f"{kind}: {x} − {y}" if kind == "diff" else f"{kind}: {y} − {x}" for x, y in pairs]
+        return [f"{kind}: {x} - {y}" if kind == "diff" else f"{kind}: {y} - {x}" for x, y in pairs]  # PIL's font: ASCII
 
     def _write_images(self, out_prefix: str, a: CompatArgs, maps: dict[str, torch.Tensor], image: Any,
                       probs: list[float], names: list[str], ids: list[int]) -> list[Path]:
@@ -254,7 +275,7 @@ class UntangleAI:
             for j, (m, title) in enumerate(zip(stack, self._titles(kind, probs, names, ids))):
                 rgb = heatmaps.overlay(heatmaps.to_rgb(m, a.cmap), image)
                 path = f"{out_prefix}_{FILE_KIND[kind]}class_{j + first}.JPEG"
-                paths.append(heatmaps.save_figure(path, [rgb], [title], a.cmap, label=f"attribution ({scale})"))
+                paths.append(heatmaps.save_panel(path, rgb, title, a.cmap, label=f"attribution ({scale})"))
         return paths
 
     @staticmethod
@@ -265,7 +286,7 @@ class UntangleAI:
             "hm_diff": a.hm_diff, "image_size": list(maps["class"].shape[1:]),
             "classes": [{"rank": i, "id": c, "name": n, "probability": p, "logit": l}
                         for i, (c, n, p, l) in enumerate(zip(ids, names, probs, logits))],
-            "probabilities": probs, "logits": logits,
+            "probabilities": probs, "logits": logits,  # of the top-k classes only, in rank order (README)
             "maps": {kind: heatmaps.maps_to_lists(stack) for kind, stack in maps.items()},
         }
         return heatmaps.save_json(f"{os.fspath(out_prefix)}.json", payload)

@@ -16,17 +16,29 @@ from .data import load_mnist_sample, mnist_sample_loader  # noqa: E402
 from .estimator import SignalEstimator  # noqa: E402
 from .heatmaps import channel_sum, normalise, write_figure  # noqa: E402
 from .models import load_or_train_lenet  # noqa: E402
+from .report import build as build_report  # noqa: E402
 
 DEMO_METHODS = (("pattern_attribution", "PatternAttribution"), ("patternnet", "PatternNet"), ("gradient", "gradient"))
 
 
-def method_figure(image: torch.Tensor, explanations: Sequence[Explanation], index: int, path: Path) -> Path:
-    """One row per top-k class: input | one heatmap per method (each on its own symmetric scale)."""
+def verdict(label: int, predicted: int) -> tuple[str, str]:
+    """(title, colour) naming the true label and whether the model got it right."""
+    if label == predicted:
+        return f"true label {label}, predicted {predicted}", "black"
+    return f"MISCLASSIFIED: true label {label}, predicted {predicted}", "red"
+
+
+def method_figure(image: torch.Tensor, explanations: Sequence[Explanation], index: int, path: Path,
+                  label: int) -> Path:
+    """One row per top-k class: input | one heatmap per method (each on its own symmetric scale);
+    the title gives the true ``label`` and marks a misclassification in red."""
     exp0 = explanations[0]
     k = exp0.targets.shape[1]
     probs = exp0.probabilities[index]
-    fig, axes = plt.subplots(k, 1 + len(explanations), figsize=(2.2 * (1 + len(explanations)) + 0.8, 2.3 * k),
+    fig, axes = plt.subplots(k, 1 + len(explanations), figsize=(2.2 * (1 + len(explanations)) + 0.8, 2.3 * k + 0.3),
                              squeeze=False, layout="constrained")
+    title, colour = verdict(label, int(exp0.targets[index, 0]))
+    fig.suptitle(title, color=colour, fontsize=11, fontweight="bold" if colour == "red" else "normal")
     for row in range(k):
         c = int(exp0.targets[index, row])
         axes[row, 0].imshow(image.squeeze(0).cpu(), cmap="gray")
@@ -60,10 +72,13 @@ def run_demo(results: Path = Path("results"), cache: Path = Path(".cache/lenet_m
     x = images[picks]
     explanations = [attributor.explain(x, topk=topk, method=m) for m, _ in DEMO_METHODS]
     paths = [
-        method_figure(x[i], explanations, i, results / f"digit_{int(picks[i])}_label_{int(labels[picks[i]])}.png")
+        method_figure(x[i], explanations, i, results / f"digit_{int(picks[i])}_label_{int(labels[picks[i]])}.png",
+                      int(labels[picks[i]]))
         for i in range(len(x))
     ]
     print(f"wrote {len(paths)} figures to {results.resolve()}/ in {time.perf_counter() - start:.1f} s:")
     for p in paths:
         print(f"  {p}")
+    report = build_report(model, stores, mnist_sample_loader(batch_size, split="test"), results / "report.html", n=20)
+    print(f"report on the 20 most uncertain and 20 most confident wrong test digits: {report.html}")
     return paths

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ._progress import bars_off
 from . import distributed
 from .moments import Moments, accumulator_bytes, slots_of
 from .patterns import MeanY, compute_patterns
@@ -24,6 +25,7 @@ from .locking import ClassLock
 from ._io import remove_orphan_temps
 from .store import ALL_CLASSES, SignalStore, StoreError, class_store_path, layer_signature, model_fingerprint
 from .trace import Program
+from . import validation
 from .validation import InputChecker, batches_of, check_labels, split_batch, warn_empty
 
 Batches = Iterable[Sequence[torch.Tensor]]
@@ -81,14 +83,9 @@ class SignalEstimator:
         self.program = Program(model, dtype=compute_dtype, leaf_modules=leaf_modules)
         self._checker = InputChecker(self.program, input_shape, pin=True)
         self.num_classes = self.program.num_outputs
-        self.classes = list(range(self.num_classes)) if classes is None else [int(c) for c in classes]
-        bad = [c for c in self.classes if not 0 <= c < self.num_classes]
-        if bad:
-            raise ValueError(f"classes {bad} are out of range: the model has {self.num_classes} outputs")
-        if mean_y not in ("all", "positive"):
-            raise ValueError(f"mean_y must be 'all' or 'positive', not {mean_y!r}")
+        self.classes = validation.class_ids(classes, self.num_classes, "classes") or list(range(self.num_classes))
         self.per_class = per_class
-        self.mean_y = mean_y
+        self.mean_y = validation.check_mean_y(mean_y)
         self.memory_budget = memory_budget
         self.store_dtype = store_dtype
         self.progress = progress
@@ -109,17 +106,22 @@ class SignalEstimator:
             return torch.zeros_like(labels)
         return slots_of(labels, chunk, self.num_classes)
 
-    def _run(self, moments: Moments, batches: Batches, slots_fn, desc: str) -> None:
-        """Accumulate this rank's shard of ``batches``, each batch validated; under torch.distributed, sum all ranks'."""
+    def _run(self, moments: Moments, batches: Batches, slots_fn, desc: str) -> int:
+        """Accumulate this rank's shard of ``batches``, each batch validated; under torch.distributed, sum all ranks'.
+
+        Returns the number of images this rank saw."""
         shard = distributed.shard_batches(batches_of(batches, f"the loader ({desc})"))
-        bar = tqdm(shard, desc=desc, disable=not (self.progress and distributed.is_main()), leave=False)
+        bar = tqdm(shard, desc=desc, disable=bars_off(self.progress and distributed.is_main()), leave=False)
+        seen = 0
         for i, batch in enumerate(bar):
             where = f"{desc}, batch {i}"
             x, labels = split_batch(batch, where)
             x = self._checker.images(x, where)
             labels = check_labels(labels, x.shape[0], self.num_classes, where)
             moments.update(x, slots_fn(labels, x))
+            seen += x.shape[0]
         distributed.all_reduce_moments(moments)
+        return seen
 
     def fit(self, loader: Batches) -> dict[int, SignalStore]:
         """Estimate from one loader of ``(images, labels)``: one pass per chunk of classes."""
@@ -128,14 +130,17 @@ class SignalEstimator:
         for i, chunk in enumerate(chunks):
             moments = Moments(self.program, len(chunk))
             desc = "estimating signals" + (f" (chunk {i + 1}/{len(chunks)})" if len(chunks) > 1 else "")
-            self._run(moments, loader, lambda labels, x: self._slots_of(labels, chunk), desc)
+            seen = self._run(moments, loader, lambda labels, x: self._slots_of(labels, chunk), desc)
+            if i == 0 and seen == 0 and distributed.current() is None:
+                raise validation.EmptyLoaderError("the loader yielded no images, so there is nothing to estimate; "
+                                                  "check the dataset (and its filters / sampler) behind the loader")
             stores.update(self._stores(moments, chunk))
         return stores
 
     def fit_per_class(self, loader_fn: Callable[[int], Batches]) -> dict[int, SignalStore]:
         """Estimate each class from its own loader ``loader_fn(c)`` (the tutorial's style)."""
         stores: dict[int, SignalStore] = {}
-        for c in tqdm(self.classes, desc="classes", disable=not self.progress or len(self.classes) == 1):
+        for c in tqdm(self.classes, desc="classes", disable=bars_off(self.progress and len(self.classes) > 1)):
             moments = Moments(self.program, 1)
             self._run(moments, loader_fn(c), lambda labels, x: x.new_zeros(x.shape[0], dtype=torch.long),
                       f"class {c}")
@@ -158,7 +163,7 @@ class SignalEstimator:
         fresh_since = time.time_ns() if overwrite else None  # with overwrite, only files written from now count
         written: dict[int, Path] = {}
         busy = []
-        for c in tqdm(self.classes, desc="classes", disable=not self.progress):
+        for c in tqdm(self.classes, desc="classes", disable=bars_off(self.progress)):
             path = class_store_path(prefix, c)
             if distributed.main_decides(self._is_current, path, fingerprint, c, fresh_since):
                 written[c] = path

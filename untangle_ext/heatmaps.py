@@ -7,6 +7,7 @@ compared; difference maps ``m_0 - m_i`` (and their negatives) are put on a commo
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import torch
 from ._io import atomic_write
 
 HM_DIFF_MODES = ("joint", "single")
+LUT_SIZE = 257  # odd, so that 0 has a colour of its own (the centre of a diverging map)
 ArrayLike = Union[torch.Tensor, np.ndarray]
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -72,21 +74,42 @@ def colormap(cmap: Any = "seismic"):
     import matplotlib
 
     if isinstance(cmap, matplotlib.colors.Colormap):
-        return cmap.resampled(257)
+        return cmap.resampled(LUT_SIZE)
     if not isinstance(cmap, str) or cmap not in matplotlib.colormaps:
         raise ValueError(f"unknown colormap {cmap!r}; use a matplotlib colormap name such as 'seismic', "
                          "'bwr' or 'coolwarm' (a diverging one, so that 0 is neutral)")
-    return matplotlib.colormaps[cmap].resampled(257)
+    return matplotlib.colormaps[cmap].resampled(LUT_SIZE)
 
 
 def _numpy(a: ArrayLike) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
+def colour_table(cmap: Any = "seismic") -> np.ndarray:
+    """The colormap's 257 RGB colours (257, 3) float32, entry 128 = the colour of 0."""
+    return _named_table(cmap) if isinstance(cmap, str) else _table(colormap(cmap))
+
+
+@functools.lru_cache(maxsize=16)
+def _named_table(name: str) -> np.ndarray:
+    table = _table(colormap(name))
+    table.setflags(write=False)
+    return table
+
+
+def _table(cm: Any) -> np.ndarray:
+    return cm(np.arange(LUT_SIZE))[:, :3].astype(np.float32)
+
+
+def lut_index(maps: ArrayLike) -> np.ndarray:
+    """Values in [-1, 1] → indices into :func:`colour_table` (the colormap's own binning: 0 → the centre)."""
+    values = np.clip(_numpy(maps).astype(np.float64), -1.0, 1.0)
+    return np.minimum(((values + 1.0) / 2.0 * LUT_SIZE).astype(np.int64), LUT_SIZE - 1)
+
+
 def to_rgb(maps: ArrayLike, cmap: Any = "seismic") -> np.ndarray:
     """Colour maps with values in [-1, 1]: (..., H, W) → (..., H, W, 3) float32 in [0, 1] (0 = the centre colour)."""
-    values = np.clip(_numpy(maps).astype(np.float64), -1.0, 1.0)
-    return colormap(cmap)((values + 1.0) / 2.0)[..., :3].astype(np.float32)
+    return colour_table(cmap)[lut_index(maps)]
 
 
 def heatmap_rgb(signal_nhwc: ArrayLike, cmap: Any = "seismic") -> np.ndarray:
@@ -124,16 +147,30 @@ def image_to_rgb(image: Any) -> np.ndarray:
     return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
 
 
+def ink(image: Any) -> np.ndarray:
+    """How much an input pixel differs from the image's blank background: (H, W) in [0, 1].
+
+    The luminance, inverted when the image is mostly light (the median pixel above 0.5), so that
+    the background is 0 both for white-on-black digits and for dark-on-light pictures.
+    """
+    lum = image_to_rgb(image).mean(axis=-1)
+    return 1.0 - lum if float(np.median(lum)) > 0.5 else lum
+
+
 def overlay(heat_rgb: np.ndarray, image: Any, alpha: float = 0.7) -> np.ndarray:
-    """Blend an RGB heatmap (H, W, 3) over the input image: ``alpha * heat + (1 - alpha) * image``."""
+    """Draw the input image as grey ink under an RGB heatmap (H, W, 3): ``heat * (1 - (1 - alpha) * ink)``.
+
+    Where the image is blank the pixel is exactly the heatmap's colour (0 = white, as the colour bar
+    says); the image's strokes darken it by up to ``1 - alpha``.
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    background = image_to_rgb(image)
-    if background.shape[:2] != heat_rgb.shape[:2]:
-        raise ValueError(f"the input image is {background.shape[0]}×{background.shape[1]} but the heatmap is "
+    shade = ink(image)
+    if shade.shape != heat_rgb.shape[:2]:
+        raise ValueError(f"the input image is {shade.shape[0]}×{shade.shape[1]} but the heatmap is "
                          f"{heat_rgb.shape[0]}×{heat_rgb.shape[1]}; pass the image as the model sees it "
                          "(after resizing / cropping), H×W×C")
-    return (alpha * heat_rgb + (1.0 - alpha) * background).astype(np.float32)
+    return (heat_rgb * (1.0 - (1.0 - alpha) * shade)[..., None]).astype(np.float32)
 
 
 def save_figure(path: PathLike, panels: Sequence[np.ndarray], titles: Optional[Sequence[str]] = None,
@@ -171,6 +208,63 @@ def save_figure(path: PathLike, panels: Sequence[np.ndarray], titles: Optional[S
                        fraction=0.05, shrink=0.8)
     bar.set_label(label, fontsize=8)
     return write_figure(fig, path)
+
+
+def save_panel(path: PathLike, rgb: np.ndarray, title: str = "", cmap: Any = "seismic", min_pixels: int = 320,
+               label: str = "relative attribution") -> Path:
+    """One RGB panel (H, W, 3) with a title and a colour bar for [-1, 1], drawn with PIL (no matplotlib); atomic.
+
+    The look of :func:`save_figure` with one panel at about a tenth of the time: the panel is upscaled by
+    an integer factor (nearest neighbour) to at least ``min_pixels``; JPEG at quality 95 for ``.JPEG``.
+    """
+    from PIL import Image, ImageDraw
+
+    h, w = rgb.shape[:2]
+    zoom = max(1, math.ceil(min_pixels / max(h, w)))
+    panel = Image.fromarray(_to_uint8(rgb)).resize((w * zoom, h * zoom), Image.NEAREST)
+    font = _font(14)
+    top, gap, bar_w = 30, 14, 16
+    bar_h = int(panel.height * 0.8)
+    canvas = Image.new("RGB", (panel.width + 2 * gap + bar_w + 52, panel.height + top + gap), "white")
+    canvas.paste(panel, (gap, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((gap + panel.width / 2, top / 2), title, fill="black", font=font, anchor="mm")
+    draw.rectangle((gap - 1, top - 1, gap + panel.width, top + panel.height), outline="black")
+    x0, y0 = gap * 2 + panel.width, top + (panel.height - bar_h) // 2
+    ramp = _to_uint8(colour_table(cmap)[lut_index(np.linspace(1.0, -1.0, bar_h))])
+    canvas.paste(Image.fromarray(np.repeat(ramp[:, None], bar_w, axis=1)), (x0, y0))
+    draw.rectangle((x0 - 1, y0 - 1, x0 + bar_w, y0 + bar_h), outline="black")
+    for value, y in ((1, y0), (0, y0 + bar_h // 2), (-1, y0 + bar_h - 1)):
+        draw.line((x0 + bar_w, y, x0 + bar_w + 4, y), fill="black")
+        draw.text((x0 + bar_w + 7, y), f"{value:g}", fill="black", font=_font(12), anchor="lm")
+    _vertical_text(canvas, label, (x0 + bar_w + 40, y0 + bar_h // 2), _font(11))
+    fmt = "JPEG" if Path(path).suffix.lower() in (".jpg", ".jpeg") else (Path(path).suffix.lstrip(".").upper() or "PNG")
+    extra = {"quality": 95} if fmt == "JPEG" else {}
+    return atomic_write(path, lambda f: canvas.save(f, format=fmt, **extra))
+
+
+def _to_uint8(rgb: np.ndarray) -> np.ndarray:
+    return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int):
+    """PIL's bundled scalable font (DejaVu Sans shipped with Pillow), so no system font is needed."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def _vertical_text(canvas: Any, text: str, centre: tuple[int, int], font: Any) -> None:
+    """Draw ``text`` rotated by 90° (reading upwards) centred on ``centre``."""
+    from PIL import Image, ImageDraw
+
+    left, top, right, bottom = font.getbbox(text)
+    strip = Image.new("L", (right - left + 2, bottom - top + 2), 0)
+    ImageDraw.Draw(strip).text((1 - left, 1 - top), text, fill=255, font=font)
+    strip = strip.rotate(90, expand=True)
+    at = (centre[0] - strip.width // 2, centre[1] - strip.height // 2)
+    canvas.paste(Image.new("RGB", strip.size, "black"), at, strip)
 
 
 def write_figure(fig: Any, path: PathLike, **savefig_kw: Any) -> Path:

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from . import validation
 from .data import load_mnist_sample
 from ._io import atomic_write
 
@@ -47,6 +48,9 @@ _notices: set[str] = set()
 TopK = tuple[list[float], list[float], list[str], list[int]]  # (logits, probabilities, class names, class ids)
 
 
+MissingDataError = validation.MissingDataError
+
+
 class ChecksumError(ValueError):
     """A downloaded file does not have the expected sha256 (nothing is kept on disk)."""
 
@@ -56,35 +60,6 @@ def notice_once(message: str) -> None:
     if message not in _notices:
         _notices.add(message)
         print(f"untangle_ext: {message}", file=sys.stderr)
-
-
-def as_bool(value: Any, name: str) -> bool:
-    """Booleans as the tutorial writes them: True/False, 0/1 or the strings 'True'/'False'."""
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, int) and value in (0, 1)):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.strip().lower() in ("true", "1", "yes")
-    raise ValueError(f"{name} must be a boolean (True / False or 'True' / 'False'), not {value!r}")
-
-
-def parse_classes(data_class: Any, num_classes: Optional[int] = None) -> Optional[list[int]]:
-    """Class ids as the tutorial writes them (None = all, 3, '945', or a list of those) → list of ints."""
-    if data_class is None:
-        return None
-    items = list(data_class) if isinstance(data_class, (list, tuple, set, range)) else [data_class]
-    if not items:
-        raise ValueError("data_class is empty: pass None for every class, or a class id such as 3 or '3'")
-    out = []
-    for c in items:
-        if isinstance(c, torch.Tensor) and c.numel() == 1:
-            c = c.item()
-        ok = not isinstance(c, bool) and (isinstance(c, (int, np.integer)) or (isinstance(c, str) and
-                                                                                c.strip().isdigit()))
-        if not ok or (num_classes is not None and not 0 <= int(c) < num_classes):
-            limit = f" in 0..{num_classes - 1}" if num_classes is not None else ""
-            raise ValueError(f"invalid class id {c!r}: class ids are integers{limit} (or such strings, e.g. '3')")
-        out.append(int(c))
-    return out
 
 
 # ----------------------------------------------------------------------------------------- MNIST
@@ -107,9 +82,14 @@ def read_idx(path: PathLike) -> np.ndarray:
     return body.reshape(dims)
 
 
-def _mnist_dir(data_dir: Optional[PathLike]) -> Optional[Path]:
-    chosen = data_dir if data_dir is not None else os.environ.get(MNIST_DIR_ENV)
-    return Path(chosen).expanduser() if chosen else None
+def _mnist_dir(data_dir: Optional[PathLike], download: bool) -> Optional[Path]:
+    """The MNIST folder the caller chose (``data_dir``, else ``$UNTANGLE_EXT_MNIST_DIR``), or None.
+
+    A chosen folder that does not exist is an error (a typo must not fall back to the bundled sample),
+    unless ``download`` will create it.
+    """
+    chosen, name = (data_dir, "data_dir") if data_dir is not None else (os.environ.get(MNIST_DIR_ENV), f"${MNIST_DIR_ENV}")
+    return validation.data_folder(chosen, name, created=download) if chosen else None
 
 
 def find_idx(data_dir: Path, file_name: str) -> Optional[Path]:
@@ -189,10 +169,12 @@ def load_mnist_tensors(train: bool = True, classes: Optional[Sequence[int]] = No
                        limit: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST images (N, 1, 28, 28) float32 in [0, 1] and labels (N,) int64 of the chosen classes."""
     split = _split(train)
-    arrays = _idx_arrays(_mnist_dir(data_dir), split, download)
+    folder = _mnist_dir(data_dir, download)
+    arrays = _idx_arrays(folder, split, download)
     if arrays is None:
-        notice_once("no MNIST IDX files found (pass data_dir=..., set $UNTANGLE_EXT_MNIST_DIR, or download=True); "
-                    "using the bundled 5,000-image sample")
+        where = (f"no MNIST IDX files of the {split} split in {folder}" if folder is not None else
+                 f"no MNIST folder given (data_dir=..., ${MNIST_DIR_ENV}, or download=True)")
+        notice_once(f"{where}; using the bundled 5,000-image sample")
         x, y = load_mnist_sample(split, classes)
     else:
         images, labels = arrays
@@ -203,12 +185,6 @@ def load_mnist_tensors(train: bool = True, classes: Optional[Sequence[int]] = No
     return x[keep], y[keep]
 
 
-def _check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
-    return int(batch_size)
-
-
 def load_mnist_per_class(batch_size: int, data_class: Any = None, data_dir: Optional[PathLike] = None,
                          download: bool = False, train: bool = True, shuffle: bool = False,
                          limit: Optional[int] = None) -> tuple[DataLoader, TensorDataset]:
@@ -216,12 +192,12 @@ def load_mnist_per_class(batch_size: int, data_class: Any = None, data_dir: Opti
 
     ``limit`` keeps at most that many images per class (quick runs).
     """
-    classes = parse_classes(data_class, 10)
+    classes = validation.class_ids(data_class, 10, "data_class")
     x, y = load_mnist_tensors(train, classes, data_dir, download, limit)
     if x.shape[0] == 0:
         raise ValueError(f"no MNIST images of class {data_class!r} in the {_split(train)} split")
     dataset = TensorDataset(x, y)
-    return DataLoader(dataset, batch_size=_check_batch_size(batch_size), shuffle=shuffle), dataset
+    return DataLoader(dataset, batch_size=validation.positive_int(batch_size, "batch_size"), shuffle=shuffle), dataset
 
 
 def mnist_data_gen(batch_size: int, results_path: PathLike, gen_images: bool = False,
@@ -231,8 +207,8 @@ def mnist_data_gen(batch_size: int, results_path: PathLike, gen_images: bool = F
 
     With ``gen_images`` each image is also written to ``{results_path}/{name}.png``.
     """
-    batch_size = _check_batch_size(batch_size)
-    write = as_bool(gen_images, "gen_images")
+    batch_size = validation.positive_int(batch_size, "batch_size")
+    write = validation.boolean(gen_images, "gen_images")
     x, _ = load_mnist_tensors(False, None, data_dir, download, limit)
     for start in range(0, x.shape[0], batch_size):
         batch = x[start:start + batch_size]
@@ -280,7 +256,7 @@ class ImagePreprocess:
 def imagenet_preprocess(is_resnet: Any = False) -> ImagePreprocess:
     """The tutorial's two presets: resize 256, crop 224; ``is_resnet`` adds ImageNet mean/std normalisation
     (what torchvision's ResNets expect), otherwise pixels stay in [0, 1]."""
-    if as_bool(is_resnet, "is_resnet"):
+    if validation.boolean(is_resnet, "is_resnet"):
         return ImagePreprocess()
     return ImagePreprocess(mean=None, std=None)
 
@@ -307,7 +283,7 @@ def read_synset_map(synset_map: Union[Mapping[Any, str], PathLike]) -> dict[int,
     """Class id → synset folder: a mapping such as ``{'945': 'n07720875'}``, or a text file whose line i
     starts with the synset of class i (``LOC_synset_mapping.txt`` / ``synsets.txt``)."""
     if isinstance(synset_map, Mapping):
-        return {parse_classes(k)[0]: str(v) for k, v in synset_map.items()}
+        return {validation.class_ids(k, None, "synset_map key")[0]: str(v) for k, v in synset_map.items()}
     lines = Path(synset_map).read_text().splitlines()
     return {i: line.split()[0] for i, line in enumerate(l for l in lines if l.strip())}
 
@@ -317,7 +293,7 @@ def load_imagenet_per_class(batch_size: int, data_path: PathLike, synset_map: Un
                             num_workers: int = 0) -> tuple[DataLoader, ImageFolderDataset]:
     """(loader, dataset) over ``data_path/<synset>/*`` for ``data_class`` (None = every class of ``synset_map``)."""
     mapping = read_synset_map(synset_map)
-    classes = parse_classes(data_class) or sorted(mapping)
+    classes = validation.class_ids(data_class, None, "data_class") or sorted(mapping)
     samples: list[tuple[Path, int]] = []
     for c in classes:
         if c not in mapping:
@@ -330,25 +306,11 @@ def load_imagenet_per_class(batch_size: int, data_path: PathLike, synset_map: Un
             raise FileNotFoundError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         samples += [(p, c) for p in files]
     dataset = ImageFolderDataset(samples, imagenet_preprocess(is_resnet))
-    loader = DataLoader(dataset, batch_size=_check_batch_size(batch_size), shuffle=shuffle, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=validation.positive_int(batch_size, "batch_size"), shuffle=shuffle, num_workers=num_workers)
     return loader, dataset
 
 
 # ----------------------------------------------------------------------------------- predictions
-
-def single_image(input_tensor: torch.Tensor, img_size: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Check one image, (1, C, H, W) or (C, H, W) (optionally against ``img_size`` = (C, H, W)) → (1, C, H, W)."""
-    if not isinstance(input_tensor, torch.Tensor):
-        raise TypeError(f"the input must be a torch.Tensor (1, C, H, W), not {type(input_tensor).__name__}")
-    x = input_tensor.unsqueeze(0) if input_tensor.dim() == 3 else input_tensor
-    if x.dim() != 4 or x.shape[0] != 1:
-        raise ValueError(f"expected ONE image shaped (1, C, H, W), got {tuple(input_tensor.shape)}; "
-                         "call once per image (e.g. input_tensor[idx][None])")
-    if img_size is not None and tuple(x.shape[1:]) != tuple(img_size):
-        raise ValueError(f"the input image has shape {tuple(x.shape[1:])} but args.img_size is {tuple(img_size)}; "
-                         "fix args.img_size or resize the input")
-    return x
-
 
 def class_name(id2name: Optional[Mapping[Any, str]], c: int) -> str:
     """The name of class ``c`` in the tutorial's ``ID2Name_Map`` (string keys), else ``str(c)``."""
@@ -367,13 +329,12 @@ def get_topk_pred(model: nn.Module, input: torch.Tensor, ID2Name_Map: Optional[M
 
 @torch.no_grad()
 def topk_pred(program, input: torch.Tensor, ID2Name_Map: Optional[Mapping[Any, str]],  # noqa: A002
-              topk: int) -> TopK:
+              topk: int, topk_name: str = "topk") -> TopK:
     """:func:`get_topk_pred` on an already traced :class:`~untangle_ext.trace.Program`."""
-    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or not 1 <= topk <= program.num_outputs:
-        raise ValueError(f"topk={topk!r} must be an integer in [1, {program.num_outputs}] (the number of classes)")
+    k = validation.check_topk(topk, program.num_outputs, topk_name)
     weight = program.layers[0].weight
-    logits = program.forward(single_image(input).to(weight.device, weight.dtype))[0]
-    top = logits.topk(int(topk))
+    logits = program.forward(validation.one_image(input, None, "input").to(weight.device, weight.dtype))[0]
+    top = logits.topk(k)
     probs = torch.softmax(logits.double(), dim=0)[top.indices]
     ids = top.indices.tolist()
     return top.values.tolist(), probs.tolist(), [class_name(ID2Name_Map, c) for c in ids], ids

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._progress import bars_off
 from .store import atomic_torch_save
 
 __all__ = ["LeNet", "BasicBlock", "evaluate_accuracy", "train_lenet", "load_or_train_lenet",
@@ -76,7 +77,7 @@ def train_lenet(epochs: int = 5, batch_size: int = 64, lr: float = 1e-3, seed: i
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    with tqdm(total=epochs * len(loader), desc="train LeNet", unit="batch", disable=not progress) as bar:
+    with tqdm(total=epochs * len(loader), desc="train LeNet", unit="batch", disable=bars_off(progress)) as bar:
         for epoch in range(epochs):
             for x, y in loader:
                 opt.zero_grad(set_to_none=True)

@@ -116,6 +116,13 @@ class SignalStore:
     input_shape: Optional[list[int]] = None  # shape of one image seen in estimation, e.g. [1, 28, 28]
     path: Optional[Path] = field(default=None, compare=False)  # where it was loaded from / saved to
 
+    def __repr__(self) -> str:
+        """One line: class, layers, samples, estimator and file; not the patterns (``print(store)`` stays short)."""
+        where = f", path={str(self.path)!r}" if self.path is not None else ""
+        shape = f", input_shape={list(self.input_shape)}" if self.input_shape is not None else ""
+        return (f"SignalStore(class_id={self.class_id}, layers={len(self.layers)}, num_samples={self.num_samples}, "
+                f"mean_y={self.estimator.get('mean_y')!r}{shape}, fingerprint={self.fingerprint[:12]!r}{where})")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,

@@ -10,11 +10,20 @@ cause and the fix. Documented behaviours that are not errors:
   (8-bit images need ``x.float() / 255`` first, which we cannot guess);
 * a class whose loader yields no images gets an :class:`EmptyClassWarning` and
   no store file.
+
+This module is the one owner of input checks: the native API, the tutorial API
+(``args.topk``, ``class_idx``, ...), the loaders and the CLI all call the functions
+below with ``name`` = the argument as *their* caller wrote it, so a message says
+``args.topk=11`` to a tutorial script, ``--topk 11`` to a shell user and
+``topk=11`` to the native API.
 """
 from __future__ import annotations
 
 import numbers
+import os
+import re
 import warnings
+from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -48,6 +57,22 @@ class LabelError(InputError):
 
 class TopKError(InputError):
     """``topk`` is not an int in [1, number of classes]."""
+
+
+class ArgumentError(InputError):
+    """An argument (not an image or a label) has a bad value."""
+
+
+class ClassIdError(ArgumentError):
+    """A class id that is not an integer in [0, number of classes)."""
+
+
+class MissingDataError(ArgumentError, FileNotFoundError):
+    """A data folder the caller named does not exist."""
+
+
+class EmptyLoaderError(InputError):
+    """A loader that yielded no images at all: there is nothing to estimate."""
 
 
 class EmptyClassWarning(UserWarning):
@@ -101,9 +126,7 @@ def check_images(x: Any, device: torch.device, dtype: torch.dtype, where: str,
     if x.dim() < 2:
         raise InputShapeError(f"{where}: images of shape {tuple(x.shape)} have no batch dimension; pass a "
                               "batch (B, C, H, W), e.g. x.unsqueeze(0) for one image")
-    if expected is not None and tuple(x.shape[1:]) != tuple(expected):
-        raise InputShapeError(f"{where}: images have shape {tuple(x.shape[1:])} (batch {x.shape[0]}), expected "
-                              f"{tuple(expected)}{_shape_hint(tuple(x.shape), tuple(expected))}")
+    check_shape(x.shape, expected, where)
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         first = int(bad.flatten(1).any(1).nonzero()[0])
@@ -115,9 +138,14 @@ def check_images(x: Any, device: torch.device, dtype: torch.dtype, where: str,
 def _shape_hint(got: tuple, expected: tuple) -> str:
     if got == expected:
         return "; this looks like one image without its batch dimension: use x.unsqueeze(0)"
+    if got == expected[1:]:
+        return "; this looks like one image without its batch and channel dimensions: use x[None, None]"
     if len(got) == 4 and len(expected) == 3 and got[1:] == (expected[1], expected[2], expected[0]):
         return "; this looks like channels-last (B, H, W, C): use x.permute(0, 3, 1, 2)"
-    return "; resize the images, or estimate the signals on images of this size"
+    return _RESIZE
+
+
+_RESIZE = "; resize the images, or estimate the signals on images of this size"
 
 
 def check_labels(labels: Any, batch_size: int, num_classes: int, where: str) -> torch.Tensor:
@@ -141,14 +169,133 @@ def check_labels(labels: Any, batch_size: int, num_classes: int, where: str) -> 
     return labels
 
 
-def check_topk(topk: Any, num_classes: int) -> int:
+def check_topk(topk: Any, num_classes: int, name: str = "topk") -> int:
     """``topk`` as an int in [1, num_classes]."""
     if isinstance(topk, bool) or not isinstance(topk, numbers.Integral):
-        raise TopKError(f"topk must be an int, not {type(topk).__name__} {topk!r}")
+        raise TopKError(f"{name} must be an int, not {type(topk).__name__} {topk!r}")
     if not 1 <= topk <= num_classes:
-        raise TopKError(f"topk={topk} must lie in [1, {num_classes}]: the model has {num_classes} classes; "
-                        f"use topk <= {num_classes}")
+        raise TopKError(f"{_show(name, topk)} must lie in [1, {num_classes}]" + (
+            f": it is larger than the number of classes ({num_classes})" if topk > num_classes else ""))
     return int(topk)
+
+
+def _show(name: str, value: Any) -> str:
+    """An argument as its caller wrote it: ``--topk 11`` for an option, ``args.topk=11`` otherwise."""
+    return f"{name} {value}" if name.startswith("--") else f"{name}={value!r}"
+
+
+def positive_int(value: Any, name: str) -> int:
+    """``value`` as an int >= 1 (bools and floats refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ArgumentError(f"{_show(name, value)}: must be a positive integer")
+    return int(value)
+
+
+def choice(value: Any, choices: Sequence[Any], name: str) -> Any:
+    """``value`` if it is one of ``choices``."""
+    if value not in choices:
+        raise ArgumentError(f"{_show(name, value)}: must be one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def boolean(value: Any, name: str) -> bool:
+    """Booleans as the tutorial writes them: True/False, 0/1 or the strings 'True'/'False' (also yes/no)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise ArgumentError(f"{_show(name, value)}: must be a boolean (True / False or 'True' / 'False')")
+
+
+def class_ids(value: Any, num_classes: Optional[int], name: str) -> Optional[list[int]]:
+    """Class ids as the tutorial writes them (None = all, 3, '945', a tensor, or a list of those) → ints.
+
+    With ``num_classes`` every id must lie in [0, num_classes).
+    """
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.reshape(-1).tolist()
+    items = list(value) if isinstance(value, (list, tuple, set, range)) else [value]
+    if not items:
+        raise ClassIdError(f"{name} is empty: pass None for every class, or a class id such as 3 or '3'")
+    out = []
+    for c in items:
+        if isinstance(c, torch.Tensor) and c.numel() == 1:
+            c = c.item()
+        ok = not isinstance(c, bool) and (isinstance(c, numbers.Integral) or (isinstance(c, str) and c.strip().isdigit()))
+        if not ok or (num_classes is not None and not 0 <= int(c) < num_classes):
+            limit = f" in 0..{num_classes - 1} (the model has {num_classes} classes)" if num_classes is not None else ""
+            raise ClassIdError(f"{name}: invalid class id {c!r}; class ids are integers{limit} (or such strings, "
+                               "e.g. '3')")
+        out.append(int(c))
+    return out
+
+
+def image_size(value: Any, name: str) -> Optional[tuple[int, ...]]:
+    """An image size (C, H, W) of positive ints, or None (not checked)."""
+    if value is None:
+        return None
+    size = tuple(value) if isinstance(value, (tuple, list, torch.Size)) else None
+    if size is None or len(size) != 3 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1
+                                             for v in size):
+        raise ArgumentError(f"{_show(name, value)}: must be (C, H, W), e.g. (1, 28, 28)")
+    return tuple(int(v) for v in size)
+
+
+def check_shape(batch_shape: Sequence[int], expected: Optional[Sequence[int]], where: str,
+                source: Optional[str] = None) -> None:
+    """Raise :class:`InputShapeError` unless a batch shaped ``batch_shape`` holds images of shape ``expected``
+    (None: anything); ``source`` names where ``expected`` comes from (e.g. ``args.img_size``)."""
+    got, want = tuple(batch_shape), None if expected is None else tuple(expected)
+    if want is None or got[1:] == want:
+        return
+    hint = _shape_hint(got, want)
+    hint = f"; fix {source} or resize the images" if source and hint == _RESIZE else hint
+    src = f" ({source})" if source else ""
+    if len(got) != len(want) + 1:
+        raise InputShapeError(f"{where}: got a tensor of shape {got}; expected a batch of images (B, "
+                              f"{', '.join(map(str, want))}){src}{hint}")
+    raise InputShapeError(f"{where}: images have shape {got[1:]} (batch of {got[0]}), expected {want}{src}{hint}")
+
+
+def one_image(x: Any, img_size: Optional[Sequence[int]], name: str, size_name: str = "args.img_size") -> torch.Tensor:
+    """ONE image, (1, C, H, W) or (C, H, W), optionally of size ``img_size`` = (C, H, W) → (1, C, H, W)."""
+    if not isinstance(x, torch.Tensor):
+        raise InputDtypeError(f"{name} must be a torch.Tensor (1, C, H, W), not {type(x).__name__}; convert with "
+                              "torch.as_tensor(...)")
+    batch = x.unsqueeze(0) if x.dim() == 3 else x
+    if batch.dim() != 4 or batch.shape[0] != 1:
+        raise InputShapeError(f"{name} has shape {tuple(x.shape)}; expected ONE image shaped (1, C, H, W); call once "
+                              "per image (e.g. images[i][None])")
+    check_shape(batch.shape, img_size, name, size_name)
+    return batch
+
+
+def image_batch(x: Any, img_size: Optional[Sequence[int]], name: str, size_name: str = "args.img_size") -> torch.Tensor:
+    """A batch of images (N, C, H, W), optionally of size ``img_size`` = (C, H, W)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise InputShapeError(f"{name} must be a tensor (N, C, H, W), got "
+                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    check_shape(x.shape, img_size, name, size_name)
+    return x
+
+
+def data_folder(path: Any, name: str, created: bool = False) -> Path:
+    """The folder ``path`` the caller named; a missing one is an error (a typo must not fall back to other data),
+    unless ``created`` (e.g. a download will create it)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir() and not created:
+        flag = "--download" if name.startswith("--") else "download=True"
+        raise MissingDataError(f"{_show(name, os.fspath(path))}: no such folder ({folder.resolve()}). Fix the path, "
+                               f"pass {flag} to fetch MNIST into it, or leave it unset to use the bundled 5,000-image "
+                               "sample")
+    return folder
+
+
+def check_mean_y(mean_y: Any, name: str = "mean_y") -> str:
+    """``'all'`` (E[y] over all samples, the paper's eq. 8) or ``'positive'`` (E⁺[y])."""
+    return choice(mean_y, ("all", "positive"), name)
 
 
 def warn_empty(classes: Sequence[int]) -> None:
@@ -188,9 +335,24 @@ class InputChecker:
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as exc:
-            first = self.program.layers[0]
-            takes = f"{first.in_features} input {'features' if first.kind == 'linear' else 'channels'}"
-            raise InputShapeError(f"{where}: images of shape {tuple(x.shape[1:])} do not fit the model "
-                                  f"({str(exc).splitlines()[0][:200]}); its first layer '{first.name}' takes {takes}. "
-                                  "Pass images of the size the model was built for") from exc
+            raise InputShapeError(f"{where}: images of shape {tuple(x.shape[1:])} (a batch shaped (B, "
+                                  f"{', '.join(map(str, x.shape[1:]))})) do not fit the model: {_misfit(self.program, exc)}. "
+                                  "Pass images of the size the model was built for (the size it was trained on)") from exc
 
+
+def _misfit(program: Program, exc: RuntimeError) -> str:
+    """Which layer refused the images, from torch's message (the raw message is kept at the end)."""
+    raw = str(exc).splitlines()[0][:160]
+    first = program.layers[0]
+    match = re.search(r"\(\d+x(\d+) and (\d+)x(\d+)\)", raw)
+    if match:
+        got, takes, outs = (int(g) for g in match.groups())
+        for layer in program.layers:
+            if layer.kind == "linear" and tuple(layer.weight.shape) == (outs, takes):
+                return (f"its Linear layer '{layer.name}' takes {takes} features but gets {got} from images of this "
+                        f"size ({raw})")
+    if first.kind != "linear":
+        spatial = {1: "L", 2: "H, W", 3: "D, H, W"}[first.weight.dim() - 2]
+        return (f"its first layer '{first.name}' is a {type(first).__name__} taking (B, {first.in_features}, "
+                f"{spatial}) ({raw})")
+    return f"its first layer '{first.name}' takes {first.in_features} input features ({raw})"

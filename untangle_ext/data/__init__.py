@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..validation import class_ids, positive_int
+
 __all__ = ["MNIST_SAMPLE_PATH", "TEST_PER_CLASS", "load_mnist_sample", "mnist_sample_loader"]
 
 MNIST_SAMPLE_PATH: Path = Path(__file__).resolve().parent / "mnist_5k.npz"
@@ -48,22 +50,6 @@ def _split_mask(labels: np.ndarray, split: str) -> np.ndarray:
     return is_test if split == "test" else ~is_test
 
 
-def _check_classes(classes: Sequence[int] | None) -> list[int] | None:
-    """Validate class ids (ints in 0..9); None means all classes."""
-    if classes is None:
-        return None
-    if isinstance(classes, (int, np.integer)):
-        classes = [int(classes)]
-    out = []
-    for c in classes:
-        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= int(c) <= 9:
-            raise ValueError(f"invalid MNIST class id {c!r}: class ids must be integers in 0..9")
-        out.append(int(c))
-    if not out:
-        raise ValueError("classes is empty: pass None for all classes or a list of ids in 0..9")
-    return out
-
-
 def load_mnist_sample(split: str = "all", classes: Sequence[int] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (images float32 (N,1,28,28) in [0,1], labels int64 (N,)) of the bundled sample.
@@ -73,7 +59,7 @@ def load_mnist_sample(split: str = "all", classes: Sequence[int] | None = None
     """
     images, labels = _raw()
     mask = _split_mask(labels, split)
-    cls = _check_classes(classes)
+    cls = class_ids(classes, 10, "classes")
     if cls is not None:
         mask &= np.isin(labels, cls)
     x = torch.from_numpy(images[mask].astype(np.float32) / 255.0).unsqueeze(1)
@@ -84,8 +70,7 @@ def load_mnist_sample(split: str = "all", classes: Sequence[int] | None = None
 def mnist_sample_loader(batch_size: int, split: str = "train", classes: Sequence[int] | None = None,
                         shuffle: bool = False, seed: int = 0) -> DataLoader:
     """DataLoader over the bundled sample; shuffling is reproducible through ``seed``."""
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     x, y = load_mnist_sample(split, classes)
     gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(TensorDataset(x, y), batch_size=int(batch_size), shuffle=shuffle, generator=gen)
+    return DataLoader(TensorDataset(x, y), batch_size=positive_int(batch_size, "batch_size"), shuffle=shuffle,
+                      generator=gen)

@@ -15,6 +15,7 @@ from typing import Mapping, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
+from .._progress import bars_off
 from ..attribution import Attributor
 from ..store import SignalStore
 from ..trace import Program
@@ -88,12 +89,14 @@ def degradation_curve(
     points: Optional[int] = None,
     batch_size: int = 500,
     desc: Optional[str] = None,
+    spacing: str = "linear",
 ) -> Curve:
     """Replace patches in the order of ``scores`` (B, P), highest first, with ``fill`` (scalar or per channel).
 
     ``points`` evaluation steps from 0 to all P patches (default: after every
-    patch). The model runs through its traced :class:`Program`, so it is never
-    called or modified.
+    patch), evenly spaced (``spacing="linear"``) or evenly on a √ axis
+    (``"quadratic"``: fine steps at the start, where curves fall fastest). The
+    model runs through its traced :class:`Program`, so it is never called or modified.
     """
     program = model if isinstance(model, Program) else Program(model)
     if images.dim() != 4:
@@ -107,10 +110,17 @@ def degradation_curve(
     x = images.to(weight.device, weight.dtype)
     fill_t = torch.as_tensor(fill).to(x).reshape(1, -1, 1, 1).expand(b, c, h, w)
     ranks = _pixel_ranks(scores.to(x.device), h, w, patch).unsqueeze(1)
-    counts = torch.linspace(0, num, (num + 1) if points is None else points).round().long().unique()
+    steps = (num + 1) if points is None else points
+    if spacing == "linear":
+        counts = torch.linspace(0, num, steps)
+    elif spacing == "quadratic":
+        counts = torch.linspace(0, 1, steps, dtype=torch.float64) ** 2 * num
+    else:
+        raise ValueError(f"spacing must be 'linear' or 'quadratic' (even steps on a square-root axis), not {spacing!r}")
+    counts = counts.round().long().unique()
     predicted = _logits(program, x, batch_size).argmax(1)
     probs = []
-    for n in tqdm(counts.tolist(), desc=desc, disable=desc is None, leave=False):
+    for n in tqdm(counts.tolist(), desc=desc, disable=bars_off(desc is not None), leave=False):
         degraded = torch.where(ranks < n, fill_t, x)
         p = torch.softmax(_logits(program, degraded, batch_size).double(), 1)
         probs.append(p.gather(1, predicted.unsqueeze(1)).squeeze(1).cpu())

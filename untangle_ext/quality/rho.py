@@ -28,6 +28,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .._progress import bars_off
 from ..store import SignalStore, model_fingerprint
 from ..layers import AffineLayer, Linear
 from ..trace import Program
@@ -191,7 +192,7 @@ def signal_quality(
     x_fit = layer_inputs(program, fit_images, positions, gen)
     x_eval = layer_inputs(program, eval_images, positions, gen)
     result: dict[str, dict[str, dict[str, float]]] = {}
-    bar = tqdm(total=len(program.layers) * len(estimators), desc="signal quality ρ(S)", disable=not progress)
+    bar = tqdm(total=len(program.layers) * len(estimators), desc="signal quality ρ(S)", disable=bars_off(progress))
     for layer in program.layers:
         keep = torch.randperm(layer.out_features, generator=gen)[:max_neurons].sort().values
         w = layer.weight.detach().double().cpu().reshape(layer.out_features, -1)[keep]
