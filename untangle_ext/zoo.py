@@ -339,8 +339,10 @@ def markdown(records: Sequence[dict], meta: dict) -> str:
         f"{list(SIZE_CANDIDATES)} px it accepts; 2 classes estimated on 32 generated images, 4 images attributed "
         "with `pattern_attribution`, `patternnet` and `gradient` (all finite), `gradient` equal to torch.autograd "
         f"in float64 (normwise relative error ≤ {GRADIENT_TOLERANCE:g}), model unchanged. Memory budget "
-        f"{meta['memory_gb']:.0f} GB.", "",
-        f"**{ok} / {len(records)} builders pass ({100.0 * ok / max(len(records), 1):.1f} %).**", "",
+        f"{meta['memory_gb']:.0f} GB." + (f" Note: {meta['note']}." if meta.get("note") else ""), "",
+        f"**{ok} / {len(records)} builders pass ({100.0 * ok / max(len(records), 1):.1f} %).**"
+        + (f" Partial run: {len(records)} of the {meta['builders']} builders; `make zoo` runs them all."
+           if len(records) < meta.get("builders", 0) else ""), "",
         "| family | builders | pass | % | input px | failing |", "|---|---:|---:|---:|---|---|",
     ]
     families: dict[str, list[dict]] = {}
@@ -401,7 +403,7 @@ def _meta(argv: Sequence[str], memory_budget: int) -> dict:
     return {"command": "python -m untangle_ext.zoo " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "backend": backend().name,
             "torch": torch.__version__, "torchvision": tv.__version__, "memory_gb": memory_budget / 2**30,
-            "machine": f"{cpu}, {os.cpu_count()} cores"}
+            "machine": f"{cpu}, {os.cpu_count()} cores", "builders": len(classification_models())}
 
 
 def _default_memory_gb() -> float:
