@@ -452,7 +452,7 @@ def test_compat_traces_the_model_once_per_call(tut, tmp_path, monkeypatch):
 
     traced = []
     original = trace.Program.__init__
-    monkeypatch.setattr(trace.Program, "__init__", lambda self, model: traced.append(1) or original(self, model))
+    monkeypatch.setattr(trace.Program, "__init__", lambda self, model, **kw: traced.append(1) or original(self, model, **kw))
     UntangleAI().attribute_signals(tut.model, tut.x, None, tut.signal_store_path, None, _args(topk=3),
                                    str(tmp_path / "p"))
     assert len(traced) == 1
