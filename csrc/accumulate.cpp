@@ -1,12 +1,14 @@
 // Device-generic driver of the moment accumulation ops (semantics: untangle_ext/_reference.py).
 //
-// Per batch, for N rows grouped by slot (SlotOrder), in the work dtype wt:
-//   xs     (N, C, Hp, Wp)   shifted, zero-padded input in slot order       [fused gather_shift]
-//   y      (N, K, Ho, Wo)   xs * W (mm / convolution)                       [ATen]
-//   z      (N, K, Ho, Wo)   y + out_offset, in the caller's row order       [fused design pass]
-//   design (M, G*(3Kg+1), Ho, Wo)  [y | gate | gate*y | 1] of the M accumulated rows, same pass
+// Per batch, for N rows grouped by slot (SlotOrder), in the work dtype wt, with `sp` the
+// spatial dims of a ConvNd (1 to 3 of them; none for Linear):
+//   xs     (N, C, *sp_padded)  shifted, zero-padded input in slot order    [fused gather_shift]
+//   y      (N, K, *sp_out)     xs * W (mm / convolution)                    [ATen]
+//   z      (N, K, *sp_out)     y + out_offset, in the caller's row order    [fused design pass]
+//   design (M, G*(3Kg+1), *sp_out)  [y | gate | gate*y | 1] of the M accumulated rows, same pass
 //   mat[s] += design_s^T xs_s per slot segment (mm / convolution weight grad, no im2col);
 //            small Linear segments use an in-place float64 addmm instead
+//   vec[s] += [sum y | sum gate | sum gate*y | n]   (3K + 1), same pass
 // xs, y (linear) and design live in reused scratch buffers: no large allocation per batch.
 #include "untangle.h"
 
@@ -26,21 +28,6 @@ constexpr int64_t kDirectRows = 64;
 // Conv layers with several slots in a batch use one per-row product call while the per-row
 // products fit in this many bytes (small layers, where per-call overhead dominates).
 constexpr int64_t kPerRowBytes = 32 << 20;
-
-struct Geometry {
-  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups;
-};
-
-Geometry make_geometry(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, "untangle_ext: stride must be two positive ints, got ",
-              stride);
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
-              "untangle_ext: padding must be two non-negative ints, got ", padding);
-  TORCH_CHECK(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0,
-              "untangle_ext: dilation must be two positive ints, got ", dilation);
-  TORCH_CHECK(groups > 0, "untangle_ext: groups must be positive, got ", groups);
-  return {stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups};
-}
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shift, const at::Tensor& out_offset,
                   const at::Tensor& slots, const at::Tensor& mat, const at::Tensor& vec, int64_t in_features,
@@ -69,45 +56,41 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
               "untangle_ext: mat must be a contiguous float64 tensor of shape (S, ", groups, ", ", 3 * kg + 1, ", ", dg,
               "), got ", mat.scalar_type(), " ", mat.sizes());
   TORCH_CHECK(vec.scalar_type() == at::kDouble && vec.is_contiguous() && vec.dim() == 2 &&
-                  vec.size(0) == mat.size(0) && vec.size(1) == 5 * k + 1,
-              "untangle_ext: vec must be a contiguous float64 tensor of shape (", mat.size(0), ", ", 5 * k + 1,
+                  vec.size(0) == mat.size(0) && vec.size(1) == 3 * k + 1,
+              "untangle_ext: vec must be a contiguous float64 tensor of shape (", mat.size(0), ", ", 3 * k + 1,
               "), got ", vec.scalar_type(), " ", vec.sizes());
 }
 
-// x4 (N, C, H, W) (a linear input is (N, D, 1, 1)); weight (K, D) for linear, (K, Cg, kh, kw) for conv.
-at::Tensor accumulate(const at::Tensor& x4, const at::Tensor& weight, const at::Tensor& shift,
+// x (N, C, *sp) for a conv with geometry g, or (N, D) for Linear (g.nd() == 0); weight (K, D) or
+// (K, C/groups, *kernel).
+at::Tensor accumulate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shift,
                       const at::Tensor& out_offset, const at::Tensor& slots, at::Tensor& mat, at::Tensor& vec,
-                      const Geometry& g, bool linear) {
-  const int64_t n = x4.size(0), c = x4.size(1), k = weight.size(0), kg = k / g.groups;
-  const int64_t kh = linear ? 1 : weight.size(2), kw = linear ? 1 : weight.size(3);
-  const int64_t hp = x4.size(2) + 2 * g.pad_h, wp = x4.size(3) + 2 * g.pad_w;
-  const int64_t ho = (hp - g.dil_h * (kh - 1) - 1) / g.stride_h + 1;
-  const int64_t wo = (wp - g.dil_w * (kw - 1) - 1) / g.stride_w + 1;
-  TORCH_CHECK(hp >= g.dil_h * (kh - 1) + 1 && wp >= g.dil_w * (kw - 1) + 1,
-              "untangle_ext: the padded input (", hp, "x", wp, ") is smaller than the dilated kernel");
-  std::vector<int64_t> zshape = linear ? std::vector<int64_t>{n, k} : std::vector<int64_t>{n, k, ho, wo};
-  if (n == 0) return at::empty(zshape, x4.options());
+                      const ConvGeometry& g) {
+  const bool linear = g.nd() == 0;
+  const int64_t n = x.size(0), c = x.size(1), k = weight.size(0), kg = k / g.groups;
+  const at::IntArrayRef kernel = weight.sizes().slice(2), in = x.sizes().slice(2);
+  const std::vector<int64_t> padded = g.padded_size(in), out = g.output_size(in, kernel);
+  const std::vector<int64_t> zshape = shape_of({n, k}, out);
+  if (n == 0) return at::empty(zshape, x.options());
 
-  const auto& dev = kernels_for(x4);
-  const auto wt = work_dtype(x4.scalar_type());
-  const int64_t num_slots = mat.size(0), dk = g.groups * (3 * kg + 1), p = ho * wo;
+  const auto& dev = kernels_for(x);
+  const auto wt = work_dtype(x.scalar_type());
+  const int64_t num_slots = mat.size(0), dk = g.groups * (3 * kg + 1), p = numel_of(out);
   const SlotOrder so = slot_order(slots, num_slots);
   const int64_t m = so.seg[num_slots];
 
-  at::Tensor xs = scratch("xs", x4, wt, {n, c, hp, wp});
-  dev.gather_shift(x4, shift.to(wt).contiguous(), so.order, g.pad_h, g.pad_w, xs);
+  at::Tensor xs = scratch("xs", x, wt, shape_of({n, c}, padded));
+  dev.gather_shift(as_5d(x), shift.to(wt).contiguous(), so.order, g.pad_3d(), xs);
   at::Tensor w = weight.to(wt);
   at::Tensor y;
   if (linear) {
-    y = scratch("y", x4, wt, {n, k});
-    at::mm_out(y, xs.view({n, c}), w.t());
+    y = scratch("y", x, wt, {n, k});
+    at::mm_out(y, xs, w.t());
   } else {
-    y = at::convolution(xs, w, c10::nullopt, {g.stride_h, g.stride_w}, {0, 0}, {g.dil_h, g.dil_w}, false, {0, 0},
-                        g.groups)
-            .contiguous();
+    y = at::convolution(xs, w, c10::nullopt, g.stride, g.zeros, g.dilation, false, g.zeros, g.groups).contiguous();
   }
-  at::Tensor z = at::empty(zshape, x4.options());
-  at::Tensor design = scratch("design", x4, wt, {m, dk, ho, wo});
+  at::Tensor z = at::empty(zshape, x.options());
+  at::Tensor design = scratch("design", x, wt, shape_of({m, dk}, out));
   dev.design(y.view({n, k, p}), out_offset.to(at::kDouble).contiguous(), so, g.groups, z.view({n, k, p}),
              design.view({m, dk, p}), vec);
 
@@ -117,10 +100,10 @@ at::Tensor accumulate(const at::Tensor& x4, const at::Tensor& weight, const at::
   if (!linear && segments > 1 && m * dk * dg * static_cast<int64_t>(c10::elementSize(wt)) <= kPerRowBytes) {
     // Many small slot segments: ONE grouped weight-grad call with the rows folded into the
     // groups gives every row's own product; each slot then sums its rows in float64.
-    at::Tensor wshape = scratch("wshape", x4, wt, {m * dk, weight.size(1), kh, kw});
+    at::Tensor wshape = scratch("wshape", x, wt, shape_of({m * dk, weight.size(1)}, kernel));
     at::Tensor per_row = std::get<1>(at::convolution_backward(
-        design.view({1, m * dk, ho, wo}), xs.narrow(0, 0, m).view({1, m * c, hp, wp}), wshape, c10::nullopt,
-        {g.stride_h, g.stride_w}, {0, 0}, {g.dil_h, g.dil_w}, false, {0, 0}, g.groups * m, {false, true, false}));
+        design.view(shape_of({1, m * dk}, out)), xs.narrow(0, 0, m).view(shape_of({1, m * c}, padded)), wshape,
+        c10::nullopt, g.stride, g.zeros, g.dilation, false, g.zeros, g.groups * m, {false, true, false}));
     per_row = per_row.contiguous().view({m, dk * dg});
     for (int64_t s = 0; s < num_slots; ++s) {
       if (so.seg[s + 1] > so.seg[s]) dev.add_to_f64(mat.select(0, s), per_row.narrow(0, so.seg[s], so.seg[s + 1] - so.seg[s]));
@@ -132,18 +115,16 @@ at::Tensor accumulate(const at::Tensor& x4, const at::Tensor& weight, const at::
     if (rows == 0) continue;
     at::Tensor ds = design.narrow(0, m0, rows), xss = xs.narrow(0, m0, rows), prod;
     if (linear && rows <= kDirectRows) {  // few rows: a float64 rank-`rows` update in place, no temporary
-      mat.select(0, s).view({dk, c}).addmm_(ds.view({rows, dk}).t().to(at::kDouble),
-                                            xss.view({rows, c}).to(at::kDouble));
+      mat.select(0, s).view({dk, c}).addmm_(ds.t().to(at::kDouble), xss.to(at::kDouble));
       continue;
     }
     if (linear) {
-      prod = scratch("prod", x4, wt, {dk, c});
-      at::mm_out(prod, ds.view({rows, dk}).t(), xss.view({rows, c}));
+      prod = scratch("prod", x, wt, {dk, c});
+      at::mm_out(prod, ds.t(), xss);
     } else {
-      at::Tensor wshape = scratch("wshape", x4, wt, {dk, weight.size(1), kh, kw});
-      prod = std::get<1>(at::convolution_backward(ds, xss, wshape, c10::nullopt, {g.stride_h, g.stride_w}, {0, 0},
-                                                  {g.dil_h, g.dil_w}, false, {0, 0}, g.groups,
-                                                  {false, true, false}))
+      at::Tensor wshape = scratch("wshape", x, wt, shape_of({dk, weight.size(1)}, kernel));
+      prod = std::get<1>(at::convolution_backward(ds, xss, wshape, c10::nullopt, g.stride, g.zeros, g.dilation,
+                                                  false, g.zeros, g.groups, {false, true, false}))
                  .contiguous();
     }
     dev.add_to_f64(mat.select(0, s), prod);
@@ -160,21 +141,24 @@ at::Tensor accumulate_linear(const at::Tensor& x, const at::Tensor& weight, cons
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1),
               "untangle_ext.accumulate_linear: weight must be (K, ", x.size(1), "), got ", weight.sizes());
   check_inputs(x, weight, shift_x, out_offset, slots, mat, vec, x.size(1), 1);
-  return accumulate(x.unsqueeze(2).unsqueeze(3), weight, shift_x, out_offset, slots, mat, vec,
-                    Geometry{1, 1, 0, 0, 1, 1, 1}, /*linear=*/true);
+  return accumulate(x, weight, shift_x, out_offset, slots, mat, vec, ConvGeometry::linear());
 }
 
-at::Tensor accumulate_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shift_c,
-                             const at::Tensor& out_offset, const at::Tensor& slots, at::Tensor& mat,
-                             at::Tensor& vec, at::IntArrayRef stride, at::IntArrayRef padding,
-                             at::IntArrayRef dilation, int64_t groups) {
-  const Geometry g = make_geometry(stride, padding, dilation, groups);
-  TORCH_CHECK(x.dim() == 4, "untangle_ext.accumulate_conv2d: x must be (N, C, H, W), got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) * groups == x.size(1),
-              "untangle_ext.accumulate_conv2d: weight must be (K, C/groups, kh, kw) with C=", x.size(1),
-              " and groups=", groups, ", got ", weight.sizes());
+at::Tensor accumulate_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shift_c,
+                           const at::Tensor& out_offset, const at::Tensor& slots, at::Tensor& mat, at::Tensor& vec,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                           int64_t groups) {
+  const char* op = "accumulate_conv";
+  const ConvGeometry g(op, stride, padding, dilation, groups);
+  const int64_t nd = g.nd();
+  TORCH_CHECK(x.dim() == nd + 2, "untangle_ext.", op, ": x must be (N, C, ", nd,
+              " spatial dims) to match the ", nd, " stride entries, got ", x.sizes());
+  TORCH_CHECK(weight.dim() == nd + 2 && weight.size(1) * groups == x.size(1), "untangle_ext.", op,
+              ": weight must be (K, C/groups, ", nd, " kernel dims) with C=", x.size(1), " and groups=", groups,
+              ", got ", weight.sizes());
   check_inputs(x, weight, shift_c, out_offset, slots, mat, vec, x.size(1), groups);
-  return accumulate(x, weight, shift_c, out_offset, slots, mat, vec, g, /*linear=*/false);
+  g.check_fits(op, x.sizes().slice(2), weight.sizes().slice(2));
+  return accumulate(x, weight, shift_c, out_offset, slots, mat, vec, g);
 }
 
 }  // namespace untangle

@@ -8,6 +8,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
+#include <initializer_list>
 #include <cstdint>
 #include <vector>
 
@@ -23,13 +25,45 @@ struct SlotOrder {
 
 SlotOrder slot_order(const at::Tensor& slots, int64_t num_slots);
 
+// Spatial sizes of every kernel are (D, H, W): 1-d and 2-d layouts get leading 1s.
+using Dims3 = std::array<int64_t, 3>;
+
+// Stride, padding and dilation of a ConvNd (nd = 1, 2 or 3 entries each), or of a Linear layer (nd = 0).
+struct ConvGeometry {
+  std::vector<int64_t> stride, padding, dilation, zeros;
+  int64_t groups = 1;
+
+  // Validated: TORCH_CHECK errors name `op` and the offending argument.
+  ConvGeometry(const char* op, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+               int64_t groups);
+  static ConvGeometry linear() { return ConvGeometry(); }
+  int64_t nd() const { return static_cast<int64_t>(stride.size()); }
+  std::vector<int64_t> padded_size(at::IntArrayRef input) const;
+  std::vector<int64_t> output_size(at::IntArrayRef input, at::IntArrayRef kernel) const;
+  // The padded input must hold the dilated kernel in every spatial dim.
+  void check_fits(const char* op, at::IntArrayRef input, at::IntArrayRef kernel) const;
+  // The padding right-aligned in (D, H, W), zeros in front.
+  Dims3 pad_3d() const;
+
+ private:
+  ConvGeometry() = default;
+};
+
+// {lead..., rest...}: a shape with spatial dims appended.
+std::vector<int64_t> shape_of(std::initializer_list<int64_t> lead, at::IntArrayRef rest);
+int64_t numel_of(at::IntArrayRef sizes);
+// (N, C, *sp) with 0 to 3 spatial dims viewed as (N, C, D, H, W) with leading 1s (any strides).
+at::Tensor as_5d(const at::Tensor& x);
+
 // The fused loops every device provides (shapes in the comments of accumulate.cpp).
 struct DeviceKernels {
-  // out[i] = zero_pad(x[order[i]]) - shift (per channel), in out's dtype.
-  void (*gather_shift)(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& order,
-                       int64_t pad_h, int64_t pad_w, const at::Tensor& out);
+  // out[i] = zero_pad(x[order[i]]) - shift (per channel), in out's dtype; x is (N, C, D, H, W)
+  // with any strides, out (N, C, D + 2 pad[0], H + 2 pad[1], W + 2 pad[2]) contiguous.
+  void (*gather_shift)(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& order, Dims3 pad,
+                       const at::Tensor& out);
   // z[order[i]] = y[i] + off; design rows [y | gate | gate*y | 1] per group and the
-  // per-slot sums of vec for the accumulated rows, in one pass over y.
+  // per-slot sums of vec [sum y | sum gate | sum gate*y | n] (3K + 1) for the accumulated rows,
+  // in one pass over y.
   void (*design)(const at::Tensor& y, const at::Tensor& off, const SlotOrder& so, int64_t groups,
                  const at::Tensor& z, const at::Tensor& design, const at::Tensor& vec);
   // dst (float64) += the sum of src's rows (src holds rows * dst.numel() values), elementwise
@@ -51,14 +85,14 @@ at::ScalarType work_dtype(at::ScalarType input);
 at::Tensor accumulate_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shift_x,
                              const at::Tensor& out_offset, const at::Tensor& slots, at::Tensor& mat,
                              at::Tensor& vec);
-at::Tensor accumulate_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shift_c,
-                             const at::Tensor& out_offset, const at::Tensor& slots, at::Tensor& mat,
-                             at::Tensor& vec, at::IntArrayRef stride, at::IntArrayRef padding,
-                             at::IntArrayRef dilation, int64_t groups);
+at::Tensor accumulate_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shift_c,
+                           const at::Tensor& out_offset, const at::Tensor& slots, at::Tensor& mat, at::Tensor& vec,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                           int64_t groups);
 at::Tensor pattern_backward_linear(const at::Tensor& grad_out, const at::Tensor& patterns,
                                    const at::Tensor& slots);
-at::Tensor pattern_backward_conv2d(const at::Tensor& grad_out, const at::Tensor& patterns,
-                                   const at::Tensor& slots, at::IntArrayRef input_hw, at::IntArrayRef stride,
-                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+at::Tensor pattern_backward_conv(const at::Tensor& grad_out, const at::Tensor& patterns, const at::Tensor& slots,
+                                 at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups);
 
 }  // namespace untangle

@@ -171,6 +171,26 @@ class _Deep(nn.Module):
         return self.head(x)
 
 
+class _DeepNormed(nn.Module):
+    """LayerNorm keeps every layer's input spread out while each 0.1-scaled layer multiplies PatternNet's signal
+    by ~100 (pattern ~ w/|w|^2, LayerNorm's Jacobian ~ 1/0.1): it overflows float32 after ~20 layers."""
+
+    def __init__(self, depth=30):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(depth))
+        self.norms = nn.ModuleList(nn.LayerNorm(16) for _ in range(depth))
+        self.head = nn.Linear(16, 3)
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.weight.copy_(torch.eye(16) * 0.1 + torch.randn(16, 16) * 0.01)
+            self.head.bias.fill_(10.0)  # every logit positive: the last layer's regime is never empty
+
+    def forward(self, x):
+        for layer, norm in zip(self.layers, self.norms):
+            x = norm(layer(x))
+        return self.head(x)
+
+
 def test_deep_nets_stay_finite_and_exact_up_to_the_reported_scale():
     torch.manual_seed(0)
     model = _Deep().eval()
@@ -183,10 +203,12 @@ def test_deep_nets_stay_finite_and_exact_up_to_the_reported_scale():
     model.float()
     true = torch.ldexp(exp.attributions[0, 0].double(), exp.scale_exponent[0, 0].double())
     assert ((true - xg.grad[0]).norm() / xg.grad[0].norm()).item() < 1e-4  # float32 pass vs float64 autograd
-    stores = SignalEstimator(model, progress=False).fit([(x, torch.arange(64) % 3)])
+    normed = _DeepNormed().eval()
+    stores = SignalEstimator(normed, progress=False).fit([(torch.randn(64, 16), torch.arange(64) % 3)])
     with pytest.warns(ScaledAttributionWarning):
-        net = Attributor(model, stores).explain(x[:2], topk=1, method="patternnet")
+        net = Attributor(normed, stores).explain(x[:2], topk=1, method="patternnet")
     assert torch.isfinite(net.attributions).all() and (net.scale_exponent > 128).all()
+    assert (net.attributions.abs().flatten(1).amax(1) >= 0.5).all()  # returned normalised, not vanished
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a representable map comes back exact, with no warning
         small = Attributor(_Deep(depth=2).eval()).explain(x[:2], topk=1, method="gradient")

@@ -278,6 +278,13 @@ class Identity(Rule):
         return (grad,)
 
 
+class Contiguous(Identity):
+    """``x.contiguous()``: the value must still become contiguous (a later ``view`` may need it)."""
+
+    def forward(self, step, args, kwargs, tape):
+        return args[0].contiguous()
+
+
 class Add(Generic):
     """``a + b`` of two activations of one shape (residual connections): both get the signal."""
 
@@ -327,7 +334,7 @@ METHOD_RULES: dict[str, Rule] = {  # in-place methods arrive here without their 
     "relu": _RELU,
     **{m: _ELEMENTWISE for m in ("sigmoid", "tanh")},
     **{m: _RESHAPE for m in ("view", "reshape", "flatten")},
-    "contiguous": _IDENTITY,
+    "contiguous": Contiguous(),
     "add": _ADD,
 }
 #: Ops whose output gates another activation (held constant by a product when ``constant_gates=True``).

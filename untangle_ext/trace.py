@@ -156,7 +156,9 @@ class _Builder:
         kind = affine_for(module)
         if getattr(module, "was_inplace", False) and self.data_inputs(node):
             self.check_inplace(node, f"the in-place module '{name}' ({type(module).__name__}(inplace=True))")
-        if kind is not None:
+        if kind is not None and not self.data_inputs(node):
+            self.call(node, CONSTANT, module, name, gating=False)  # e.g. an MLP over a constant position table
+        elif kind is not None:
             self.add(node, Step(rules.AFFINE, name, args=self.ref(node.args[:1]), layer=kind.from_module(name, module),
                                 tensor_inputs=self.data_inputs(node)))
         elif isinstance(module, _BATCHNORMS) and self._folds_into(node):

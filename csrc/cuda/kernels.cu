@@ -22,32 +22,42 @@ int64_t blocks_for(int64_t n) { return std::min<int64_t>((n + kThreads - 1) / kT
 template <typename w_t>
 using work_t = std::conditional_t<std::is_same_v<w_t, double>, double, float>;
 
+// The (N, C, D, H, W) input's sizes and strides and the padding, passed by value.
+struct GatherDims {
+  int64_t n, c, d, h, w, sn, sc, sd, sh, sw, pd, ph, pw;
+};
+
 template <typename in_t, typename w_t>
 __global__ void gather_shift_kernel(const in_t* __restrict__ x, const w_t* __restrict__ shift,
-                                    const int64_t* __restrict__ order, int64_t n, int64_t c, int64_t h, int64_t w,
-                                    int64_t sn, int64_t sc, int64_t sh, int64_t sw, int64_t pad_h, int64_t pad_w,
-                                    w_t* __restrict__ out) {
-  const int64_t hp = h + 2 * pad_h, wp = w + 2 * pad_w, total = n * c * hp * wp;
+                                    const int64_t* __restrict__ order, GatherDims g, w_t* __restrict__ out) {
+  const int64_t dp = g.d + 2 * g.pd, hp = g.h + 2 * g.ph, wp = g.w + 2 * g.pw, total = g.n * g.c * dp * hp * wp;
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t b = idx % wp, a = (idx / wp) % hp, ch = (idx / (wp * hp)) % c, i = idx / (wp * hp * c);
-    const int64_t row = a - pad_h, col = b - pad_w;
-    const bool inside = row >= 0 && row < h && col >= 0 && col < w;
-    const w_t v = inside ? static_cast<w_t>(x[order[i] * sn + ch * sc + row * sh + col * sw]) : w_t(0);
+    int64_t rest = idx;
+    const int64_t b = rest % wp - g.pw;
+    rest /= wp;
+    const int64_t a = rest % hp - g.ph;
+    rest /= hp;
+    const int64_t e = rest % dp - g.pd;
+    rest /= dp;
+    const int64_t ch = rest % g.c, i = rest / g.c;
+    const bool inside = e >= 0 && e < g.d && a >= 0 && a < g.h && b >= 0 && b < g.w;
+    const w_t v = inside ? static_cast<w_t>(x[order[i] * g.sn + ch * g.sc + e * g.sd + a * g.sh + b * g.sw]) : w_t(0);
     out[idx] = v - shift[ch];
   }
 }
 
-void gather_shift_cuda(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& order, int64_t pad_h,
-                       int64_t pad_w, const at::Tensor& out) {
+void gather_shift_cuda(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& order, Dims3 pad,
+                       const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t total = out.numel();
   if (total == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const GatherDims dims{x.size(0),   x.size(1),   x.size(2),   x.size(3), x.size(4), x.stride(0), x.stride(1),
+                        x.stride(2), x.stride(3), x.stride(4), pad[0],    pad[1],    pad[2]};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "untangle_gather_shift_cuda", [&] {
     using w_t = work_t<scalar_t>;
     gather_shift_kernel<scalar_t, w_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), shift.const_data_ptr<w_t>(), order.const_data_ptr<int64_t>(), x.size(0),
-        x.size(1), x.size(2), x.size(3), x.stride(0), x.stride(1), x.stride(2), x.stride(3), pad_h, pad_w,
+        x.const_data_ptr<scalar_t>(), shift.const_data_ptr<w_t>(), order.const_data_ptr<int64_t>(), dims,
         out.data_ptr<w_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -74,36 +84,35 @@ __global__ void design_kernel(const w_t* __restrict__ y, const double* __restric
   }
 }
 
-// One block per (channel, slot): the five float64 sums of vec over the slot's rows.
+// One block per (channel, slot): the three float64 sums of vec over the slot's rows, and n.
 template <typename w_t>
 __global__ void vec_sums_kernel(const w_t* __restrict__ y, const double* __restrict__ off,
                                 const int64_t* __restrict__ seg, int64_t k, int64_t p, double* __restrict__ vec) {
+  constexpr int kSums = 3;
   const int64_t ch = blockIdx.x, s = blockIdx.y, r0 = seg[s], rows = seg[s + 1] - r0;
   if (rows == 0) return;
   const w_t o = static_cast<w_t>(off[ch]);
-  double acc[5] = {0, 0, 0, 0, 0};
+  double acc[kSums] = {0, 0, 0};
   for (int64_t e = threadIdx.x; e < rows * p; e += blockDim.x) {
     const w_t yv = y[((r0 + e / p) * k + ch) * p + e % p];
     const double yd = yv, gd = (yv + o) > w_t(0) ? 1.0 : 0.0;
     acc[0] += yd;
-    acc[1] += yd * yd;
-    acc[2] += gd;
-    acc[3] += gd * yd;
-    acc[4] += gd * yd * yd;
+    acc[1] += gd;
+    acc[2] += gd * yd;
   }
-  __shared__ double part[5][kThreads];
-  for (int f = 0; f < 5; ++f) part[f][threadIdx.x] = acc[f];
+  __shared__ double part[kSums][kThreads];
+  for (int f = 0; f < kSums; ++f) part[f][threadIdx.x] = acc[f];
   __syncthreads();
   for (int half = kThreads / 2; half > 0; half /= 2) {
     if (threadIdx.x < half) {
-      for (int f = 0; f < 5; ++f) part[f][threadIdx.x] += part[f][threadIdx.x + half];
+      for (int f = 0; f < kSums; ++f) part[f][threadIdx.x] += part[f][threadIdx.x + half];
     }
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    double* v = vec + s * (5 * k + 1);
-    for (int f = 0; f < 5; ++f) v[f * k + ch] += part[f][0];
-    if (ch == 0) v[5 * k] += static_cast<double>(rows * p);
+    double* v = vec + s * (kSums * k + 1);
+    for (int f = 0; f < kSums; ++f) v[f * k + ch] += part[f][0];
+    if (ch == 0) v[kSums * k] += static_cast<double>(rows * p);
   }
 }
 
@@ -160,9 +169,9 @@ const bool registered =
 
 TORCH_LIBRARY_IMPL(untangle_ext, CUDA, m) {
   m.impl("accumulate_linear", &accumulate_linear);
-  m.impl("accumulate_conv2d", &accumulate_conv2d);
+  m.impl("accumulate_conv", &accumulate_conv);
   m.impl("pattern_backward_linear", &pattern_backward_linear);
-  m.impl("pattern_backward_conv2d", &pattern_backward_conv2d);
+  m.impl("pattern_backward_conv", &pattern_backward_conv);
 }
 
 }  // namespace untangle
