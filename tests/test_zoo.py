@@ -12,21 +12,7 @@ from untangle_ext.zoo import (GRADIENT_TOLERANCE, StageError, check_data, check_
 
 SHAPE = (3, tiny.SIZE, tiny.SIZE)
 
-# Families the merged engine (branch `engine`, work in progress) does not explain yet; strict=False so they
-# show as XPASS once it does. Each reason is the error the engine gives today.
-ENGINE = {
-    "shufflenet": "engine: estimate fails: view() after the channel shuffle's transpose().contiguous() "
-                  "(view size is not compatible with input tensor's size and stride)",
-    "swin_v2": "engine: estimate fails: IndexError (index out of bounds) in the V2 block (relative position index)",
-}
-
-
-def families():
-    return [pytest.param(f, marks=pytest.mark.xfail(strict=False, reason=ENGINE[f])) if f in ENGINE else f
-            for f in tiny.FAMILIES]
-
-
-@pytest.mark.parametrize("family", families())
+@pytest.mark.parametrize("family", list(tiny.FAMILIES))
 def test_family_explained(family):
     """Estimation, all three methods finite and shaped like the input, float64 gradient == autograd, model
     unchanged; then in train mode: it stays in train mode, bit-identical, and is explained with eval semantics."""
