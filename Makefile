@@ -6,6 +6,10 @@
 # an extra index to install torch from. Changing either rebuilds the venv's stamp.
 
 PYTHON      ?= python3
+# torchvision for the model zoo (tests/test_zoo.py, `make zoo`): the registry serves only its CUDA
+# build, installed without dependencies so it keeps the venv's torch; untangle_ext.zoo.import_torchvision
+# makes it importable in a CPU torch. Must be the release that matches TORCH_SPEC.
+TORCHVISION_SPEC ?= 0.28.0
 VENV        ?= .venv
 TORCH_SPEC  ?= 2.13.0
 TORCH_INDEX ?=
@@ -16,7 +20,7 @@ STAMP        = $(VENV)/.stamp
 ECOSYSTEM    = "captum==0.9.0" "quantus==0.6.0" "nbclient==0.11.0" "nbformat>=5.10" "ipykernel>=7.4" "ipywidgets>=8.1"
 TORCH_STAMP  = $(VENV)/.torch-$(TORCH_SPEC)$(if $(TORCH_INDEX),-custom-index)
 
-.PHONY: venv demo test quality docs-quality bench gpu-check clean
+.PHONY: venv demo test quality docs-quality bench gpu-check zoo clean
 
 venv: $(STAMP)
 
@@ -31,8 +35,9 @@ $(TORCH_STAMP): | $(VENV)/bin/python
 NATIVE_SRC   = $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
 
 $(STAMP): pyproject.toml setup.py $(NATIVE_SRC) $(TORCH_STAMP)
-	$(PIP) install numpy matplotlib pillow tqdm pytest hypothesis ninja "safetensors==0.8.0"
+	$(PIP) install numpy matplotlib pillow tqdm pytest hypothesis ninja scikit-learn "safetensors==0.8.0"
 	$(PIP) install $(ECOSYSTEM)  # captum is also the Saliency baseline of the benchmarks
+	$(PIP) install --no-deps "torchvision==$(TORCHVISION_SPEC)"
 	$(PIP) install --no-build-isolation -e .
 	touch $@
 
@@ -61,6 +66,12 @@ bench: venv
 # ResNet-50 at 224) and writes benchmarks/results/<gpu>.json and .md; it exits 1 (saying why) elsewhere.
 gpu-check: venv
 	$(PY) -m benchmarks.gpucheck
+
+# `make zoo` explains every torchvision classification builder (hours on 2 cores) and writes
+# docs/zoo.md + benchmarks/results/zoo.json; `make zoo ZOO_ARGS="--only resnet18 vit_b_16"` runs a few.
+ZOO_ARGS ?=
+zoo: venv
+	$(PY) -m untangle_ext.zoo $(ZOO_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info untangle_ext/_C*.so $(VENV) .pytest_cache .hypothesis results .cache
