@@ -133,9 +133,14 @@ def swin_v2() -> nn.Module:
 
 
 def vit() -> nn.Module:
-    """ViT: torchvision's VisionTransformer at hidden dim 16 (class token, MultiheadAttention, LayerNorm, GELU)."""
-    return import_torchvision().models.VisionTransformer(image_size=SIZE, patch_size=4, num_layers=1, num_heads=2,
-                                                         hidden_dim=16, mlp_dim=32, num_classes=10)
+    """ViT: torchvision's VisionTransformer at hidden dim 16 (class token, MultiheadAttention, LayerNorm, GELU).
+
+    torchvision initialises the head's weight to zero, which makes W ⊙ A (PatternAttribution) exactly zero:
+    a random head stands in for a trained one."""
+    model = import_torchvision().models.VisionTransformer(image_size=SIZE, patch_size=4, num_layers=1, num_heads=2,
+                                                          hidden_dim=16, mlp_dim=32, num_classes=10)
+    nn.init.normal_(model.heads.head.weight, std=0.5)
+    return model
 
 
 def maxvit() -> nn.Module:

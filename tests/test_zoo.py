@@ -13,11 +13,7 @@ from untangle_ext.zoo import (GRADIENT_TOLERANCE, StageError, check_data, check_
 SHAPE = (3, tiny.SIZE, tiny.SIZE)
 
 # The one engine failure at engine cce4950 (listed in the zoo report; remove the mark once fixed).
-ENGINE_XFAIL = {"vit": "engine: pattern_attribution gives all-zero maps on the tiny ViT although every target logit is >= 1"}
-
-
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(strict=False, reason=ENGINE_XFAIL[f]))
-                                    if f in ENGINE_XFAIL else f for f in tiny.FAMILIES])
+@pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_family_explained(family):
     """Estimation, all three methods finite and shaped like the input, float64 gradient == autograd, model
     unchanged; then in train mode: it stays in train mode, bit-identical, and is explained with eval semantics."""
