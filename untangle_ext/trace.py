@@ -377,6 +377,7 @@ class Program:
 #: Binary exponents a pair's signal may drift by before it is renormalised: far inside float32's ±126, so no
 #: single layer can overflow it, and rare enough that most steps cost one reduction.
 _DRIFT = 32
+_IN_RANGE = (2.0 ** -_DRIFT, 2.0 ** _DRIFT)
 
 
 class _Scaled:
@@ -393,6 +394,9 @@ class _Scaled:
         if not self.values.numel():
             return self
         amax = torch.linalg.vector_norm(self.values.flatten(1), float("inf"), dim=1)
+        lo, hi = (float(v) for v in torch.aminmax(amax))
+        if _IN_RANGE[0] <= lo and hi <= _IN_RANGE[1]:  # the common case: one reduction and one tiny op
+            return self
         _, e = torch.frexp(amax)
         drifted = (amax > 0) & torch.isfinite(amax) & ((e > _DRIFT) | (e < -_DRIFT))
         if not bool(drifted.any()):
