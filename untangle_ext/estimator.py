@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .moments import Moments, accumulator_bytes, slots_of
+from .conditioning import Limits
 from .patterns import MeanY, compute_patterns
 from .locking import ClassLock
 from ._io import remove_orphan_temps
@@ -60,8 +61,10 @@ class SignalEstimator:
     statistics products: float32 products summed over ~10^4-10^5 conv positions per
     batch carry 1e-6 to 1e-4 relative error into the patterns (most in ill-conditioned
     a⁻); ``torch.float64`` removes it at about twice the cost. ``leaf_modules``: module classes
-    traced as single ops (reversed with their gradient), e.g. blocks fx cannot trace. The model
-    is never modified.
+    traced as single ops (reversed with their gradient), e.g. blocks fx cannot trace.
+    ``kappa_max`` / ``min_samples``: a neuron whose pattern has κ = ‖a‖·‖w‖ above ``kappa_max``, or
+    whose regime saw fewer than ``min_samples`` samples, gets a zero pattern (see
+    :class:`untangle_ext.conditioning.Limits`). The model is never modified.
     """
 
     def __init__(
@@ -76,6 +79,8 @@ class SignalEstimator:
         input_shape: Optional[Sequence[int]] = None,
         compute_dtype: Optional[torch.dtype] = None,
         leaf_modules: Sequence[type] = (),
+        kappa_max: float = Limits.kappa_max,
+        min_samples: int = Limits.min_samples,
     ):
         self.model = model
         self.program = Program(model, dtype=compute_dtype, leaf_modules=leaf_modules)
@@ -88,6 +93,7 @@ class SignalEstimator:
         if mean_y not in ("all", "positive"):
             raise ValueError(f"mean_y must be 'all' or 'positive', not {mean_y!r}")
         self.per_class = per_class
+        self.limits = Limits(kappa_max, min_samples)
         self.mean_y = mean_y
         self.memory_budget = memory_budget
         self.store_dtype = store_dtype
@@ -215,14 +221,15 @@ class SignalEstimator:
         signature = layer_signature(self.program)
         out: dict[int, SignalStore] = {}
         warn_empty([c for slot, c in enumerate(chunk) if int(moments.images[slot]) == 0])
-        options = {"mean_y": self.mean_y, "per_class": self.per_class, "store_dtype": str(self.store_dtype)[6:]}
+        options = {"mean_y": self.mean_y, "per_class": self.per_class, "store_dtype": str(self.store_dtype)[6:],
+                   **self.limits.options()}
         for slot, class_id in enumerate(chunk):
             images = int(moments.images[slot])
             if images == 0:
                 continue
             patterns = {}
             for name, lm in moments.layers.items():
-                p = compute_patterns(lm, slot, self.mean_y)
+                p = compute_patterns(lm, slot, self.mean_y, self.limits)
                 patterns[name] = {k: (v.to(self.store_dtype) if k.startswith("a_") else v) for k, v in p.items()}
             out[class_id] = SignalStore(class_id, patterns, signature, fingerprint, images, options,
                                         input_shape=self._checker.expected)

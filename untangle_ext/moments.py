@@ -8,6 +8,7 @@ formula undoes the shift exactly (see :mod:`untangle_ext.patterns`).
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -41,6 +42,7 @@ class LayerMoments:
         self.layer = layer
         self._mat, self._vec = mat, vec  # (S, G, 3Kg+1, Dg) and (S, 3K+1), float64
         self.shift: Optional[torch.Tensor] = None  # input dtype: (D,) linear, (C_in,) conv
+        self.product_dtype: Optional[torch.dtype] = None  # dtype of the per-batch products (None: the input's)
         self.out_offset: Optional[torch.Tensor] = None  # (K,) float64 = W shift + b
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pending_rows = 0
@@ -104,11 +106,11 @@ class LayerMoments:
         if self.shift is None:
             self.init_shift(x)
         if not isinstance(self.layer, Linear) or (not self._pending and x.shape[0] >= PENDING_ROWS):
-            return self.layer.accumulate(x, self.shift, self.out_offset, slots, self._mat, self._vec)
+            return self._accumulate(x, slots)
         self._pending.append((x.clone(), slots.clone()))  # clone: the caller's tensors may change later
         self._pending_rows += x.shape[0]
         skip = torch.full_like(slots, -1)
-        z = self.layer.accumulate(x, self.shift, self.out_offset, skip, self._mat, self._vec)  # output only
+        z = self._accumulate(x, skip)  # output only
         if self._pending_rows >= PENDING_ROWS:
             self.flush()
         return z
@@ -119,7 +121,16 @@ class LayerMoments:
             return
         xs, slots = zip(*self._pending)
         self._pending, self._pending_rows = [], 0
-        self.layer.accumulate(torch.cat(xs), self.shift, self.out_offset, torch.cat(slots), self._mat, self._vec)
+        self._accumulate(torch.cat(xs), torch.cat(slots))
+
+    def _accumulate(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """One kernel call, with the products in :attr:`product_dtype`; the output in the input dtype."""
+        if self.product_dtype in (None, x.dtype):
+            return self.layer.accumulate(x, self.shift, self.out_offset, slots, self._mat, self._vec)
+        wide = copy.copy(self.layer)
+        wide.weight, wide.bias = self.layer.weight.to(self.product_dtype), self.layer.bias.to(self.product_dtype)
+        return wide.accumulate(x.to(self.product_dtype), self.shift, self.out_offset, slots, self._mat,
+                               self._vec).to(x.dtype)
 
 
 def _new_layer_moments(layer: Affine, slots: int) -> LayerMoments:

@@ -9,6 +9,7 @@ from typing import Literal
 
 import torch
 
+from .conditioning import Limits, apply_limits
 from .moments import LayerMoments
 
 MeanY = Literal["all", "positive"]
@@ -35,8 +36,9 @@ def _regime_cov(sxy, sx, sy, n, ey_all, shift, mean_y: MeanY) -> torch.Tensor:
     return sxy / n_ - ex * ey_all.unsqueeze(1) + shift * (ey - ey_all).unsqueeze(1)
 
 
-def compute_patterns(lm: LayerMoments, slot: int, mean_y: MeanY = "all") -> dict[str, torch.Tensor]:
-    """Patterns ``a_lin``, ``a_pos``, ``a_neg`` (shaped like the weight, float64) and counts for one slot."""
+def compute_patterns(lm: LayerMoments, slot: int, mean_y: MeanY = "all",
+                     limits: Limits = Limits()) -> dict[str, torch.Tensor]:
+    """Patterns ``a_lin``, ``a_pos``, ``a_neg`` (shaped like the weight, float64), counts and κ for one slot."""
     if mean_y not in ("all", "positive"):
         raise ValueError(f"mean_y must be 'all' or 'positive', not {mean_y!r}")
     layer = lm.layer
@@ -55,10 +57,10 @@ def compute_patterns(lm: LayerMoments, slot: int, mean_y: MeanY = "all") -> dict
     cov_pos = _regime_cov(spxy, spx, pos_sum_y, n_pos, ey_all, shift, mean_y)
     cov_neg = _regime_cov(sxy - spxy, sx - spx, sum_y - pos_sum_y, n_neg, ey_all, shift, mean_y)
     shape = layer.weight.shape
-    return {
+    return apply_limits({
         "a_lin": _normalise(cov, w, n > 1).reshape(shape),
         "a_pos": _normalise(cov_pos, w, n_pos > 0).reshape(shape),
         "a_neg": _normalise(cov_neg, w, n_neg > 0).reshape(shape),
         "n_pos": n_pos.clone(),
         "n": lm.count[slot].clone(),
-    }
+    }, layer.weight, limits)
