@@ -1,16 +1,16 @@
 """Streaming per-class moments of every affine layer's input and output (SPEC §2).
 
 One :class:`Moments` holds float64 accumulators for a set of class *slots*
-(a chunk of classes, or one slot for an all-class store). Where a feature's
-mean is large against its spread (in the first batch), inputs are shifted by
-that mean before any product is formed, so ``E[xy] - E[x]E[y]`` never cancels
-catastrophically; the pattern formula undoes the shift exactly (see
-:mod:`untangle_ext.patterns`). Elsewhere the shift is 0, so exact zeros (sparse
-images, ReLU outputs) stay exact and their products are exactly 0 — shifting
-them by the mean rounds every product (measured on LeNet/MNIST: a⁺ of the first
-conv 7.6e-4 from float64 with the mean shift, see README "Numerics"). Layers
-with short patches (:data:`F64_MAX_PATCH`) form their products in float64,
-where that costs little and float32 sums over many positions would not reach 1e-6.
+(a chunk of classes, or one slot for an all-class store). Inputs are shifted
+by a fixed per-feature shift (the first batch's mean) before any product is
+formed, so ``E[xy] - E[x]E[y]`` never cancels catastrophically; the pattern
+formula undoes the shift exactly (see :mod:`untangle_ext.patterns`). Layers with
+few products per sample (:func:`wide_products`: first layers on images, small
+heads) form them in float64: in a first layer the shift turns exact zeros (MNIST's background) into
+-mean, every float32 product is rounded and summed over ~10^5 positions per
+batch (measured on LeNet/MNIST: a⁺ of the first conv 1e-3 from float64; with
+float64 products 2e-11, for a few % of the estimation cost). Other shift rules
+(none; only where |mean| > std) were measured and lost: README "Numerics".
 """
 from __future__ import annotations
 
@@ -33,17 +33,15 @@ MAT_BLOCKS = ("sum_yx", "pos_sum_x", "pos_sum_yx", "sum_x")
 #: so accumulating every batch at once is memory-bound (measured: 41% of LeNet b16 time).
 PENDING_ROWS = 256
 
-#: Layers whose patch (samples seen by one neuron) has at most this many entries form their
-#: per-batch products in float64: first layers (LeNet 25, VGG 27, a ResNet stem <= 49), cheap
-#: next to the rest of the network, where float32 sums over ~10^5 positions per batch cost 5e-6.
-F64_MAX_PATCH = 64
+#: Layers with at most this many products per sample, ``(3K + 1) * D`` (D: patch length), form
+#: them in float64: LeNet's first conv (1,525) and last layer (15,500), VGG-style's first conv
+#: (5,211); their moments are ~1% of a VGG-style net's (measured cost: README "Numerics").
+F64_MAX_PRODUCTS = 1 << 15
 
 
-def choose_shift(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    """Per-feature shift from a batch: its mean where |mean| > std over ``dims``, else 0 (input dtype)."""
-    xd = x.double()
-    mean, std = xd.mean(dims), xd.std(dims, correction=0)
-    return torch.where(mean.abs() > std, mean, torch.zeros_like(mean)).to(x.dtype)
+def wide_products(layer: AffineLayer) -> bool:
+    """Whether ``layer`` forms its per-batch products in float64 (see :data:`F64_MAX_PRODUCTS`)."""
+    return (3 * layer.out_features // layer.groups + 1) * layer.patch_size <= F64_MAX_PRODUCTS
 
 
 class LayerMoments:
@@ -60,8 +58,8 @@ class LayerMoments:
         self.layer = layer
         self._mat, self._vec = mat, vec  # (S, G, 3Kg+1, Dg) and (S, 3K+1), float64
         self.shift: Optional[torch.Tensor] = None  # input dtype: (D,) linear, (C_in,) conv
-        # dtype of the per-batch products (None: the input's), see F64_MAX_PATCH
-        self.product_dtype = torch.float64 if layer.patch_size <= F64_MAX_PATCH else None
+        # dtype of the per-batch products (None: the input's), see F64_MAX_PRODUCTS
+        self.product_dtype = torch.float64 if wide_products(layer) else None
         self._wide: Optional[AffineLayer] = None  # the layer in product_dtype, made on first use
         self.out_offset: Optional[torch.Tensor] = None  # (K,) float64 = W shift + b
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -109,8 +107,8 @@ class LayerMoments:
         return self.layer.patch_shift(self.shift.double())
 
     def init_shift(self, x: torch.Tensor) -> None:
-        """Fix the shift from the first batch per feature (Linear) or per channel (conv): see :func:`choose_shift`."""
-        self.set_shift(choose_shift(x, self.layer.shift_dims(x)) if x.numel() else x.new_zeros(self.layer.in_features))
+        """Fix the shift from the first batch: its mean per feature (Linear) or per channel (conv)."""
+        self.set_shift(x.mean(self.layer.shift_dims(x)) if x.numel() else x.new_zeros(self.layer.in_features))
 
     def set_shift(self, shift: torch.Tensor) -> None:
         """Use ``shift`` (input dtype) and its ``out_offset``; only valid while the sums are zero or re-shifted."""
