@@ -47,7 +47,8 @@ def test_roundtrip_keeps_every_field(model, stores, saved):
     assert (loaded.class_id, loaded.fingerprint, loaded.num_samples) == (0, model_fingerprint(model), s.num_samples)
     assert loaded.layers == [{"name": "0", "kind": "conv2d", "weight_shape": [2, 1, 3, 3]},
                              {"name": "4", "kind": "linear", "weight_shape": [3, 8]}]
-    assert loaded.estimator == {"mean_y": "all", "per_class": True, "store_dtype": "float32"}
+    assert loaded.estimator == {"mean_y": "all", "per_class": True, "store_dtype": "float32", "kappa_max": 1e6,
+                                "min_samples": 1}
     assert loaded.input_shape == [1, 6, 6] and loaded.library_version == store_mod.__version__
     raw = torch.load(saved, weights_only=True)
     assert raw["format_version"] == FORMAT_VERSION and raw["format"] == store_mod.FORMAT
