@@ -57,7 +57,8 @@ def test_roundtrip_keeps_every_field(model, stores, saved):
     assert (loaded.class_id, loaded.fingerprint, loaded.num_samples) == (0, model_fingerprint(model), s.num_samples)
     assert loaded.layers == [{"name": "0", "kind": "conv2d", "weight_shape": [2, 1, 3, 3]},
                              {"name": "4", "kind": "linear", "weight_shape": [3, 8]}]
-    assert loaded.estimator == {"mean_y": "all", "per_class": True, "store_dtype": "float16"}
+    assert loaded.estimator == {"mean_y": "all", "per_class": True, "store_dtype": "float16", "kappa_max": 1e6,
+                                "min_samples": 1}
     assert loaded.input_shape == [1, 6, 6] and loaded.library_version == store_mod.__version__
     assert saved.read_bytes()[8:9] == b"{"  # a safetensors file under the tutorial's .pkl name
     with safe_open(str(saved), framework="pt") as f:

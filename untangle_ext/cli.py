@@ -297,6 +297,34 @@ def _add_report(sub) -> None:
     p.set_defaults(func=_report)
 
 
+@_user_errors
+def _inspect(args: argparse.Namespace) -> int:
+    from .conditioning import table
+    from .store import SignalStore
+
+    for path in args.stores:
+        store = SignalStore.load(path)
+        print(f"{path}: {store!r}")
+        print(f"estimator {args.estimator}; limits: {_limits_text(store.estimator)}")
+        print(table(store, args.estimator))
+    return 0
+
+
+def _limits_text(options: dict) -> str:
+    if "kappa_max" not in options:
+        return "none recorded (store from an older version: κ unknown)"
+    return f"dead when κ > {options['kappa_max']:g} or fewer than {options['min_samples']} samples in the regime"
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="per-layer conditioning table of signal stores (neurons, dead, κ, regimes)",
+                       formatter_class=_Help)
+    p.add_argument("stores", nargs="+", help="store files written by estimate / SignalStore.save")
+    p.add_argument("--estimator", choices=("a_pos", "a_neg", "a_lin"), default="a_pos",
+                   help="which pattern's conditioning to show (a_pos: PatternAttribution/PatternNet's a+)")
+    p.set_defaults(func=_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="untangle-ext", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_attribute(sub)
     _add_quality(sub)
     _add_report(sub)
+    _add_inspect(sub)
     return parser
 
 

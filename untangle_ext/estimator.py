@@ -29,6 +29,7 @@ from ._progress import bars_off
 from .classwise import class_loader, dataset_labels
 from .files import LOCKS_PER_PASS, write_class_stores
 from .moments import Moments, accumulator_bytes, slots_of
+from .conditioning import Limits
 from .patterns import MeanY, compute_patterns
 from .store import ALL_CLASSES, DEFAULT_FILE_DTYPE, DEFAULT_KEEP, SignalStore, layer_signature, model_fingerprint
 from .trace import Program
@@ -80,7 +81,10 @@ class SignalEstimator:
     patterns of the returned stores; ``file_dtype`` / ``keep``: how :meth:`fit_to_files`
     writes them (see :meth:`SignalStore.save`). ``leaf_modules``: module classes traced as
     single ops. ``reducer``: combines accumulators across processes (default: the
-    torch.distributed all-reduce while a process group is active). The model is never modified.
+    torch.distributed all-reduce while a process group is active). ``kappa_max`` /
+    ``min_samples``: a neuron whose pattern has κ = ‖a‖·‖w‖ above ``kappa_max``, or whose regime
+    saw fewer than ``min_samples`` samples, gets a zero pattern (see
+    :class:`untangle_ext.conditioning.Limits`). The model is never modified.
     """
 
     def __init__(
@@ -98,6 +102,8 @@ class SignalEstimator:
         file_dtype: torch.dtype = DEFAULT_FILE_DTYPE,
         keep: Sequence[str] = DEFAULT_KEEP,
         reducer: Optional[Reducer] = None,
+        kappa_max: float = Limits.kappa_max,
+        min_samples: int = Limits.min_samples,
     ):
         self.model = model
         self.program = Program(model, dtype=compute_dtype, leaf_modules=leaf_modules)
@@ -105,6 +111,7 @@ class SignalEstimator:
         self.num_classes = self.program.num_outputs
         self.classes = validation.class_ids(classes, self.num_classes, "classes") or list(range(self.num_classes))
         self.per_class = per_class
+        self.limits = Limits(kappa_max, min_samples)
         self.mean_y = validation.check_mean_y(mean_y)
         self.memory_budget = memory_budget
         self.store_dtype = store_dtype
@@ -159,14 +166,15 @@ class SignalEstimator:
         """One store per class of ``chunk`` that saw at least one sample (empty ones are warned about)."""
         warn_empty([c for slot, c in enumerate(chunk) if int(moments.images[slot]) == 0])
         signature = layer_signature(self.program)
-        options = {"mean_y": self.mean_y, "per_class": self.per_class, "store_dtype": str(self.store_dtype)[6:]}
+        options = {"mean_y": self.mean_y, "per_class": self.per_class, "store_dtype": str(self.store_dtype)[6:],
+                   **self.limits.options()}
         for slot, class_id in enumerate(chunk):
             images = int(moments.images[slot])
             if images == 0:
                 continue
             patterns = {}
             for name, lm in moments.layers.items():
-                p = compute_patterns(lm, slot, self.mean_y, dtype=self.store_dtype)
+                p = compute_patterns(lm, slot, self.mean_y, dtype=self.store_dtype, limits=self.limits)
                 patterns[name] = {k: (v.to(self.store_dtype) if k.startswith("a_") else v) for k, v in p.items()}
             yield class_id, SignalStore(class_id, patterns, signature, self.fingerprint, images, options,
                                         input_shape=self._checker.expected)

@@ -4,10 +4,17 @@ One :class:`Moments` holds float64 accumulators for a set of class *slots*
 (a chunk of classes, or one slot for an all-class store). Inputs are shifted
 by a fixed per-feature shift (the first batch's mean) before any product is
 formed, so ``E[xy] - E[x]E[y]`` never cancels catastrophically; the pattern
-formula undoes the shift exactly (see :mod:`untangle_ext.patterns`).
+formula undoes the shift exactly (see :mod:`untangle_ext.patterns`). Layers with
+few products per sample (:func:`wide_products`: first layers on images, small
+heads) form them in float64: in a first layer the shift turns exact zeros (MNIST's background) into
+-mean, every float32 product is rounded and summed over ~10^5 positions per
+batch (measured on LeNet/MNIST: a⁺ of the first conv 1e-3 from float64; with
+float64 products 2e-11, for a few % of the estimation cost). Other shift rules
+(none; only where |mean| > std) were measured and lost: README "Numerics".
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -26,6 +33,16 @@ MAT_BLOCKS = ("sum_yx", "pos_sum_x", "pos_sum_yx", "sum_x")
 #: so accumulating every batch at once is memory-bound (measured: 41% of LeNet b16 time).
 PENDING_ROWS = 256
 
+#: Layers with at most this many products per sample, ``(3K + 1) * D`` (D: patch length), form
+#: them in float64: LeNet's first conv (1,525) and last layer (15,500), VGG-style's first conv
+#: (5,211); their moments are ~1% of a VGG-style net's (measured cost: README "Numerics").
+F64_MAX_PRODUCTS = 1 << 15
+
+
+def wide_products(layer: AffineLayer) -> bool:
+    """Whether ``layer`` forms its per-batch products in float64 (see :data:`F64_MAX_PRODUCTS`)."""
+    return (3 * layer.out_features // layer.groups + 1) * layer.patch_size <= F64_MAX_PRODUCTS
+
 
 class LayerMoments:
     """Accumulators of one affine layer for ``S`` class slots, with named views of every block.
@@ -41,6 +58,9 @@ class LayerMoments:
         self.layer = layer
         self._mat, self._vec = mat, vec  # (S, G, 3Kg+1, Dg) and (S, 3K+1), float64
         self.shift: Optional[torch.Tensor] = None  # input dtype: (D,) linear, (C_in,) conv
+        # dtype of the per-batch products (None: the input's), see F64_MAX_PRODUCTS
+        self.product_dtype = torch.float64 if wide_products(layer) else None
+        self._wide: Optional[AffineLayer] = None  # the layer in product_dtype, made on first use
         self.out_offset: Optional[torch.Tensor] = None  # (K,) float64 = W shift + b
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pending_rows = 0
@@ -140,11 +160,11 @@ class LayerMoments:
         if self.shift is None:
             self.init_shift(x)
         if not isinstance(self.layer, Linear) or (not self._pending and x.shape[0] >= PENDING_ROWS):
-            return self.layer.accumulate(x, self.shift, self.out_offset, slots, self._mat, self._vec)
+            return self._accumulate(x, slots)
         self._pending.append((x.clone(), slots.clone()))  # clone: the caller's tensors may change later
         self._pending_rows += x.shape[0]
         skip = torch.full_like(slots, -1)
-        z = self.layer.accumulate(x, self.shift, self.out_offset, skip, self._mat, self._vec)  # output only
+        z = self._accumulate(x, skip)  # output only
         if self._pending_rows >= PENDING_ROWS:
             self.flush()
         return z
@@ -155,7 +175,18 @@ class LayerMoments:
             return
         xs, slots = zip(*self._pending)
         self._pending, self._pending_rows = [], 0
-        self.layer.accumulate(torch.cat(xs), self.shift, self.out_offset, torch.cat(slots), self._mat, self._vec)
+        self._accumulate(torch.cat(xs), torch.cat(slots))
+
+    def _accumulate(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """One kernel call, with the products in :attr:`product_dtype`; the output in the input dtype."""
+        if self.product_dtype in (None, x.dtype):
+            return self.layer.accumulate(x, self.shift, self.out_offset, slots, self._mat, self._vec)
+        if self._wide is None or self._wide.weight.dtype != self.product_dtype:
+            self._wide = copy.copy(self.layer)
+            self._wide.weight = self.layer.weight.to(self.product_dtype)
+            self._wide.bias = self.layer.bias.to(self.product_dtype)
+        return self._wide.accumulate(x.to(self.product_dtype), self.shift, self.out_offset, slots, self._mat,
+                                     self._vec).to(x.dtype)
 
 
 def _new_layer_moments(layer: Affine, slots: int) -> LayerMoments:

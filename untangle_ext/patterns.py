@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple, Optional
 
 import torch
 
+from .conditioning import Limits, apply_limits
 from .moments import LayerMoments
 
 MeanY = Literal["all", "positive"]
@@ -86,7 +87,7 @@ def _block_rows(kg: int, dg: int) -> int:
 
 
 def compute_patterns(lm: LayerMoments, slot: int, mean_y: MeanY = "all",
-                     dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+                     dtype: torch.dtype = torch.float64, limits: Limits = Limits()) -> dict[str, torch.Tensor]:
     """Patterns ``a_lin``, ``a_pos``, ``a_neg`` (shaped like the weight; float64 maths, stored as ``dtype``) and counts."""
     if mean_y not in ("all", "positive"):
         raise ValueError(f"mean_y must be 'all' or 'positive', not {mean_y!r}")
@@ -116,10 +117,10 @@ def compute_patterns(lm: LayerMoments, slot: int, mean_y: MeanY = "all",
                 _normalise_into(o[gi, rs], cov, tmp, wb, w_norm, r.alive[gi, rs])
     shape = layer.weight.shape
     n_pos = lm.field("pos_n")[slot]
-    return {
+    return apply_limits({
         "a_lin": out[0].reshape(shape),
         "a_pos": out[1].reshape(shape),
         "a_neg": out[2].reshape(shape),
         "n_pos": n_pos.clone(),
         "n": lm.count[slot].clone(),
-    }
+    }, layer.weight, limits)

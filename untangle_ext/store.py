@@ -39,6 +39,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from ._io import atomic_write
 from ._version import __version__
+from .conditioning import KAPPA_KEYS, summary as _conditioning_summary
 from .layers import AFFINE_KINDS
 from .trace import Program
 
@@ -62,6 +63,7 @@ STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 _TOP_KEYS = frozenset({"format", "format_version", "library_version", "class_id", "estimator", "fingerprint",
                        "num_samples", "input_shape", "layers", "patterns"})
 _ESTIMATOR_KEYS = frozenset({"mean_y", "per_class", "store_dtype"})
+_LIMIT_KEYS = frozenset({"kappa_max", "min_samples"})  # absent in stores written before issue 11
 _LAYER_KEYS = frozenset({"name", "kind", "weight_shape"})
 _REDO = "delete it and estimate the signals again"
 PathLike = Union[str, os.PathLike]
@@ -174,11 +176,16 @@ class SignalStore:
     path: Optional[Path] = field(default=None, compare=False)  # where it was loaded from / saved to
 
     def __repr__(self) -> str:
-        """One line: class, layers, samples, estimator and file; not the patterns (``print(store)`` stays short)."""
+        """One line: class, layers, samples, estimator, conditioning and file; never the patterns themselves."""
         where = f", path={str(self.path)!r}" if self.path is not None else ""
         shape = f", input_shape={list(self.input_shape)}" if self.input_shape is not None else ""
         return (f"SignalStore(class_id={self.class_id}, layers={len(self.layers)}, num_samples={self.num_samples}, "
-                f"mean_y={self.estimator.get('mean_y')!r}{shape}, fingerprint={self.fingerprint[:12]!r}{where})")
+                f"mean_y={self.estimator.get('mean_y')!r}{shape}, fingerprint={self.fingerprint[:12]!r}{where}; "
+                f"{self.summary()})")
+
+    def summary(self) -> str:
+        """One line on the conditioning of the a⁺ patterns: neurons, dead, ill-conditioned, largest κ."""
+        return _conditioning_summary(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain data and CPU tensors (the v1 file's content; v2 files hold the same fields)."""
@@ -538,12 +545,13 @@ class _Checker:
             raise self.fail(where, f"must be text of at most {max_len} characters, not {_describe(v)}")
         return v
 
-    def keys(self, v: Any, where: str, keys: Iterable[str]) -> dict:
-        keys = frozenset(keys)
+    def keys(self, v: Any, where: str, keys: Iterable[str], optional: Iterable[str] = ()) -> dict:
+        keys, optional = frozenset(keys), frozenset(optional)
         if type(v) is not dict:
             raise self.fail(where, f"must be a dict, not {_describe(v)}")
-        if len(v) != len(keys) or set(v) != keys:
-            raise self.fail(where, f"must have exactly the keys {sorted(keys)}")
+        if not keys <= set(v) <= keys | optional:
+            extra = f" (optionally also {sorted(optional)})" if optional else ""
+            raise self.fail(where, f"must have exactly the keys {sorted(keys)}{extra}")
         return v
 
     def shape(self, v: Any, where: str, ndims: Iterable[int]) -> list[int]:
@@ -601,7 +609,8 @@ def _validate(data: Any, source: str) -> None:
     chk.int_(data["num_samples"], "num_samples", 1)
     if data["input_shape"] is not None:
         chk.shape(data["input_shape"], "input_shape", range(1, 9))
-    estimator = chk.keys(data["estimator"], "estimator", _ESTIMATOR_KEYS)
+    estimator = chk.keys(data["estimator"], "estimator", _ESTIMATOR_KEYS, _LIMIT_KEYS)
+    _validate_limits(chk, estimator)
     if type(estimator["mean_y"]) is not str or estimator["mean_y"] not in ("all", "positive"):
         raise chk.fail("estimator.mean_y", f"must be 'all' or 'positive', not {_describe(estimator['mean_y'])}")
     if type(estimator["per_class"]) is not bool:
@@ -615,6 +624,18 @@ def _validate(data: Any, source: str) -> None:
         raise chk.fail("class_id", f"{class_id} does not fit a model with {num_classes} outputs and "
                                    f"per_class={estimator['per_class']}")
     _validate_patterns(chk, data["patterns"], layers)
+
+
+def _validate_limits(chk: _Checker, estimator: dict) -> None:
+    """The conditioning limits (both or neither): kappa_max a float >= 1, min_samples an int >= 1."""
+    if not estimator.keys() & _LIMIT_KEYS:
+        return
+    if not _LIMIT_KEYS <= estimator.keys():
+        raise chk.fail("estimator", f"must have both or none of {sorted(_LIMIT_KEYS)}")
+    kmax = estimator["kappa_max"]
+    if type(kmax) is not float or not math.isfinite(kmax) or kmax < 1:
+        raise chk.fail("estimator.kappa_max", f"must be a finite float >= 1, not {_describe(kmax)}")
+    chk.int_(estimator["min_samples"], "estimator.min_samples", 1)
 
 
 def _validate_layers(chk: _Checker, layers: Any) -> list[dict[str, Any]]:
@@ -648,7 +669,12 @@ def _validate_patterns(chk: _Checker, patterns: Any, layers: list[dict[str, Any]
         if not keys or held not in (None, keys):
             raise chk.fail(where, f"must hold the same non-empty subset of {list(PATTERN_KEYS)} in every layer")
         held = keys
-        chk.keys(p, where, keys | set(COUNT_KEYS))
+        chk.keys(p, where, keys | set(COUNT_KEYS), KAPPA_KEYS)
+        for key in KAPPA_KEYS:
+            if key in p:
+                p[key] = chk.tensor(p[key], f"{where}.{key}", shape[:1], (torch.float32,))
+                if bool((p[key] < 0).any()):
+                    raise chk.fail(f"{where}.{key}", "must be >= 0 (κ = |a|·|w|)")
         for key in keys:
             p[key] = chk.tensor(p[key], f"{where}.{key}", shape, STORE_DTYPES.values())
         n_pos = chk.tensor(p["n_pos"], f"{where}.n_pos", shape[:1], (torch.float64,))
