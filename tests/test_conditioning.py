@@ -68,7 +68,7 @@ def test_store_records_kappa_and_limits(lenet_stores, tmp_path):
         assert bool((p["kappa_pos"][live] >= 1 - 1e-4).all())  # κ = 1/|cos| >= 1 wherever a pattern lives
     loaded = SignalStore.load(store.save(tmp_path / "s.pt"))
     assert torch.equal(loaded.patterns["features.0"]["kappa_pos"], store.patterns["features.0"]["kappa_pos"])
-    assert loaded.estimator == store.estimator
+    assert loaded.estimator == {**store.estimator, "store_dtype": "float16"}  # files hold float16 patterns by default
 
 
 def test_default_limits_leave_lenet_maps_unchanged(trained_lenet):

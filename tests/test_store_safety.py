@@ -64,11 +64,12 @@ def test_roundtrip_keeps_every_field(model, stores, saved):
     with safe_open(str(saved), framework="pt") as f:
         assert f.metadata()["format_version"] == str(FORMAT_VERSION) == "2"
         assert f.metadata()["format"] == store_mod.FORMAT
-        assert sorted(f.keys()) == ["0/a_pos", "0/a_pos/exp", "0/n", "0/n_pos", "1/a_pos", "1/a_pos/exp", "1/n",
-                                    "1/n_pos"]
+        per_layer = ["a_pos", "a_pos/exp", "kappa_lin", "kappa_neg", "kappa_pos", "n", "n_pos"]  # κ: a few bytes
+        assert sorted(f.keys()) == [f"{layer}/{key}" for layer in "01" for key in per_layer]
         assert f.get_tensor("0/a_pos").dtype == torch.float16
     written = s.encoded()
-    assert {n: sorted(p) for n, p in loaded.patterns.items()} == {n: ["a_pos", "n", "n_pos"] for n in s.patterns}
+    assert {n: sorted(p) for n, p in loaded.patterns.items()} == {
+        n: ["a_pos", "kappa_lin", "kappa_neg", "kappa_pos", "n", "n_pos"] for n in s.patterns}
     for name, p in written.patterns.items():
         for key, v in p.items():
             assert torch.equal(loaded.patterns[name][key], v)
