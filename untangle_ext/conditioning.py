@@ -58,23 +58,25 @@ class Limits:
 
 
 def kappa(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """κ_k = ‖a_k‖·‖w_k‖ per neuron for patterns ``a`` and weights ``w`` (K, D); 0 where a_k = 0."""
-    return a.norm(dim=1) * w.norm(dim=1)
+    """κ_k = ‖a_k‖·‖w_k‖ per neuron for patterns ``a`` and weights ``w`` (K, D), in float64 without a float64
+    copy of either; 0 where a_k = 0."""
+    norm = lambda t: torch.linalg.vector_norm(t, dim=1, dtype=torch.float64)  # noqa: E731
+    return norm(a) * norm(w)
 
 
 def apply_limits(patterns: dict[str, torch.Tensor], weight: torch.Tensor, limits: Limits) -> dict[str, torch.Tensor]:
-    """Add ``kappa_*`` (K,) to ``patterns`` (from :func:`patterns.compute_patterns`) and zero the neurons
-    beyond ``limits``; patterns are shaped like ``weight``, counts are ``n_pos`` (K,) and ``n`` ()."""
+    """Add ``kappa_*`` (K,) to ``patterns`` (fresh tensors from :func:`patterns.compute_patterns`, zeroed in place)
+    and zero the neurons beyond ``limits``; patterns are shaped like ``weight``, counts ``n_pos`` (K,) and ``n`` ()."""
     k = weight.shape[0]
-    w = weight.double().reshape(k, -1)
+    w = weight.reshape(k, -1)
     n_pos, n = patterns["n_pos"].double(), patterns["n"].double().expand(k)
     counts = {"lin": n, "pos": n_pos, "neg": n - n_pos}
     out = dict(patterns)
     for key, regime in ESTIMATORS.items():
         a = patterns[key].reshape(k, -1)
-        kap = kappa(a.double(), w)
+        kap = kappa(a, w)
         dead = (kap > limits.kappa_max) | (counts[regime] < limits.min_samples)
-        out[key] = torch.where(dead.unsqueeze(1), torch.zeros_like(a), a).reshape(patterns[key].shape)
+        a.masked_fill_(dead.unsqueeze(1), 0)
         out[f"kappa_{regime}"] = kap.to(torch.float32)
     return out
 
