@@ -8,9 +8,7 @@ whole ``attribute_signals`` call (LeNet, random weights, stores from 2,000 sampl
 """
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 import types
 from typing import Callable
 
@@ -20,18 +18,15 @@ from untangle_ext import SignalEstimator, UntangleAI, heatmaps
 from untangle_ext.data import load_mnist_sample, mnist_sample_loader
 from untangle_ext.models import LeNet
 
+from .measure import time_repeats
+
 TITLE, LABEL = "top-1: 7 [7]  p=0.990", "attribution (joint scale)"
 
 
 def _median(fn: Callable[[], object], repeats: int = 5) -> tuple[float, float]:
     """(median, min) seconds of ``fn`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
+    result = time_repeats(fn, 1, repeats)
+    return result["median_s"], result["min_s"]
 
 
 def write_seven(folder: str, writer: Callable) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from untangle_ext import METHODS, Attributor, SignalEstimator
+from untangle_ext.models import train_classifier
 
 RATE = 128.0
 FREQUENCIES = (6.0, 12.0)  # Hz, the oscillation of class 0 and class 1
@@ -48,19 +49,6 @@ def eeg_net(channels: int = 8, filters: int = 8) -> nn.Module:
     )
 
 
-def train(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, epochs: int = 40, seed: int = 0) -> nn.Module:
-    """A few epochs of Adam on mini-batches of 32; returns the model in eval mode."""
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(32):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), labels[idx]).backward()
-            opt.step()
-    return model.eval()
-
-
 def channel_share(attributions: torch.Tensor, channels: Sequence[int]) -> float:
     """Share of the total |attribution| that lies on ``channels`` (dim 1 of ``(n, C, T)``)."""
     mass = attributions.abs().sum(dim=(0, 2))
@@ -73,7 +61,7 @@ def run(n_train: int = 256, n_test: int = 64, epochs: int = 40, informative: Seq
     x, labels = make_eeg(n_train, informative=informative, seed=seed)
     x_test, labels_test = make_eeg(n_test, informative=informative, seed=seed + 1)
     torch.manual_seed(seed)
-    model = train(eeg_net(x.shape[1]), x, labels, epochs, seed)
+    model = train_classifier(eeg_net(x.shape[1]), x, labels, epochs, lr=1e-2, seed=seed)
     with torch.no_grad():
         accuracy = float((model(x_test).argmax(1) == labels_test).float().mean())
     loader = [(x[i:i + 64], labels[i:i + 64]) for i in range(0, n_train, 64)]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from untangle_ext import METHODS, Attributor, SignalEstimator
+from untangle_ext.models import train_classifier
 
 
 def load_data(noise_features: int = 30, seed: int = 0) -> dict:
@@ -41,25 +42,12 @@ def mlp(features: int, hidden: int = 32) -> nn.Module:
                          nn.Linear(hidden // 2, 2))
 
 
-def train(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, epochs: int = 60, seed: int = 0) -> nn.Module:
-    """Adam on mini-batches of 32; returns the model in eval mode."""
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(32):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), labels[idx]).backward()
-            opt.step()
-    return model.eval()
-
-
 def run(epochs: int = 60, seed: int = 0) -> dict:
     """Train, estimate both classes, attribute the test split to its true class; the numbers."""
     data = load_data(seed=seed)
     (x, labels), (x_test, labels_test) = data["train"], data["test"]
     torch.manual_seed(seed)
-    model = train(mlp(x.shape[1]), x, labels, epochs, seed)
+    model = train_classifier(mlp(x.shape[1]), x, labels, epochs, lr=3e-3, weight_decay=1e-4, seed=seed)
     with torch.no_grad():
         accuracy = float((model(x_test).argmax(1) == labels_test).float().mean())
     stores = SignalEstimator(model, progress=False).fit([(x[i:i + 64], labels[i:i + 64]) for i in range(0, len(x), 64)])

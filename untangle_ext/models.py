@@ -60,6 +60,20 @@ def evaluate_accuracy(model: nn.Module, split: str = "test", batch_size: int = 5
     return correct / x.shape[0]
 
 
+def train_classifier(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float = 1e-2,
+                     weight_decay: float = 0.0, batch_size: int = 32, seed: int = 0) -> nn.Module:
+    """Adam with cross-entropy on shuffled in-memory mini-batches (the examples' small nets); returns it in eval mode."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(batch_size):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), labels[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
 def train_lenet(epochs: int = 5, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                 progress: bool = True) -> tuple[LeNet, float]:
     """Train LeNet with Adam on the bundled train split (4,000 images), deterministically.
