@@ -144,7 +144,7 @@ class Generic(Rule):
             inputs = list(primals.values())
             cot = _per_image(grad, batch).transpose(0, 1)  # (k, B, ...)
             grads = _batched_grad(out, inputs, cot) if inputs else []
-        by_step = {j: _pairs(g, batch) for j, g in zip(primals, grads)}
+        by_step = {j: _pairs(g) for j, g in zip(primals, grads)}
         return tuple(by_step.get(j) for j in step.tensor_inputs)
 
 
@@ -182,14 +182,14 @@ def _batched_grad(out: torch.Tensor, inputs: list[torch.Tensor], cot: torch.Tens
     return list(grads)
 
 
-def _pairs(g: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
+def _pairs(g: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """(k, B, ...) back to the pair layout (B·k, ...)."""
     if g is None:
         return None
     return g.transpose(0, 1).reshape(-1, *g.shape[2:])
 
 
-class Elementwise(Generic):
+class Elementwise(Rule):
     """An elementwise activation: the signal is multiplied by the recorded slope f'(x) of each image."""
 
     name = "elementwise"
