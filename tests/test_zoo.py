@@ -70,7 +70,7 @@ class _DataDependent(torch.nn.Module):
 def test_check_model_names_the_failing_stage():
     with pytest.raises(StageError) as info:
         check_model(_DataDependent().eval(), SHAPE)
-    assert info.value.stage == "estimate" and "UnsupportedModelError" in info.value.message
+    assert info.value.stage == "gradient" and "UnsupportedModelError" in info.value.message
 
 
 def test_class_images_are_class_dependent():

@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from ._io import atomic_write
@@ -47,11 +48,12 @@ BASE_SIZE = 64
 SIZE_CANDIDATES = (64, 70, 75, 96, 112, 128, 160, 192, 224)
 # Families whose builder takes the image size (their positional embeddings / grids depend on it).
 SIZE_KWARG = {"vision_transformer": "image_size", "maxvit": "input_size"}
-# Bytes held per weight for each estimated class: 3 float64 accumulators (Σx·yᵀ, Σ⁺x, Σ⁺x·y) and about as much
-# again in transients, patterns and reverse banks; plus the float32 model and its float64 copy. Calibrated on
-# AlexNet (57M weights, 2 classes): 7.2 GB peak resident, i.e. ~125 bytes per weight.
-BYTES_PER_WEIGHT_PER_CLASS = 56
-BYTES_PER_WEIGHT = 12
+# Peak bytes per weight of check_model, which estimates class by class: one class of float64 accumulators
+# (Σx·yᵀ, Σ⁺x, Σ⁺x·y: 24 B) and their pattern transients, the float32 model, its float64 copy and the
+# snapshots (BYTES_PER_WEIGHT), plus each finished class's float32 patterns (BYTES_PER_WEIGHT_PER_CLASS).
+# Provisional; calibrated below on the measured peaks.
+BYTES_PER_WEIGHT_PER_CLASS = 12
+BYTES_PER_WEIGHT = 48
 
 _torchvision_stub: Optional[torch.library.Library] = None
 
@@ -191,19 +193,34 @@ def _stage(stage: str, fn: Callable):
 
 
 def check_data(input_shape: Sequence[int], classes: Sequence[int] = ZOO_CLASSES, n_estimate: int = 32,
-               n_attribute: int = 4, batch_size: int = 8, seed: int = 0) -> tuple[list, torch.Tensor, torch.Tensor]:
-    """The data of :func:`check_model`: an estimation loader, inputs to attribute and their targets."""
+               n_attribute: int = 4, batch_size: int = 8, seed: int = 0) -> tuple[DataLoader, torch.Tensor, torch.Tensor]:
+    """The data of :func:`check_model`: an estimation loader, inputs to attribute and their targets.
+    The loader's data set knows its labels, so estimation goes class by class (one class of accumulators)."""
     x, labels = class_images(n_estimate, input_shape, classes, seed)
     x_attr, target = class_images(n_attribute, input_shape, classes, seed + 1)
-    return [(x[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, n_estimate, batch_size)], x_attr, target
+    return DataLoader(TensorDataset(x, labels), batch_size=batch_size), x_attr, target
+
+
+def gradient_error(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
+    """Normwise relative error of our float64 ``method="gradient"`` against ``torch.autograd``;
+    a :class:`StageError` above :data:`GRADIENT_TOLERANCE`."""
+    model64, x64 = copy.deepcopy(model).double(), x.double()
+    ours = _stage("gradient", lambda: Attributor(model64).attribute(x64, target=target, method="gradient"))
+    reference = autograd_gradient(model64, x64, target)
+    error = float((ours - reference).norm() / reference.norm().clamp_min(torch.finfo(torch.float64).tiny))
+    if not error <= GRADIENT_TOLERANCE:
+        raise StageError("gradient", f"float64 gradient differs from torch.autograd: normwise relative error "
+                                     f"{error:.3g} > {GRADIENT_TOLERANCE:g}")
+    return error
 
 
 def check_model(model: nn.Module, input_shape: Sequence[int], classes: Sequence[int] = ZOO_CLASSES, **data) -> dict:
-    """Estimate ``classes``, attribute with every method, check finiteness, gradient == autograd
-    (float64) and that ``model`` is unchanged; returns the numbers, raises :class:`StageError`.
+    """Check the float64 gradient == autograd, estimate ``classes``, attribute with every method, check
+    finiteness and that ``model`` is unchanged; returns the numbers, raises :class:`StageError`.
     ``data``: keyword arguments of :func:`check_data`."""
     loader, x_attr, target = check_data(input_shape, classes, **data)
     before = snapshot(model, x_attr)
+    error = gradient_error(model, x_attr, target)  # first: its float64 copy is freed before the accumulators exist
     stores = _stage("estimate", lambda: SignalEstimator(model, classes=list(classes), progress=False).fit(loader))
     attributor = _stage("attribute", lambda: Attributor(model, stores))
     maps = {m: _stage(m, lambda m=m: attributor.attribute(x_attr, target=target, method=m)) for m in METHODS}
@@ -211,14 +228,6 @@ def check_model(model: nn.Module, input_shape: Sequence[int], classes: Sequence[
     if bad:
         raise StageError("finite", "; ".join(
             f"{m} returned shape {tuple(maps[m].shape)}, {int((~torch.isfinite(maps[m])).sum())} non-finite" for m in bad))
-    model64 = copy.deepcopy(model).double()
-    x64 = x_attr.double()
-    ours = _stage("gradient", lambda: Attributor(model64).attribute(x64, target=target, method="gradient"))
-    reference = autograd_gradient(model64, x64, target)
-    error = float((ours - reference).norm() / reference.norm().clamp_min(torch.finfo(torch.float64).tiny))
-    if not error <= GRADIENT_TOLERANCE:
-        raise StageError("gradient", f"float64 gradient differs from torch.autograd: normwise relative error "
-                                     f"{error:.3g} > {GRADIENT_TOLERANCE:g}")
     problem = unchanged_problem(model, before, x_attr)
     if problem:
         raise StageError("unchanged", problem)
