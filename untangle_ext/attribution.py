@@ -291,6 +291,8 @@ class ScaledAttributionWarning(UserWarning):
 
 def _denormalise(values: torch.Tensor, exponent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact maps ``values * 2**exponent`` where representable (exponent 0 there); the rest stay normalised."""
+    if not bool(exponent.any()):  # the common case: no pair was ever rescaled
+        return values, exponent
     exact = torch.ldexp(values, exponent.view(-1, *([1] * (values.dim() - 1))).to(values.dtype))
     amax, vmax = (t.abs().flatten(1).amax(1) if t.numel() else t.new_zeros(t.shape[0]) for t in (exact, values))
     fits = torch.isfinite(amax) & ((amax >= torch.finfo(values.dtype).tiny) | (vmax == 0))  # no overflow/underflow

@@ -367,48 +367,55 @@ class Program:
             for j, g in zip(step.tensor_inputs, step.rule.reverse(step, item.values, ctx)):
                 if g is None:
                     continue
-                scaled = _Scaled(g, item.exponent)
+                scaled = _Scaled(g, item.exponent, item.unchecked)
                 if step.rule.rescales:
                     scaled = scaled.normalised()
                 grads[j] = grads[j].plus(scaled) if j in grads else scaled
         raise RuntimeError("the output does not depend on the input")
 
 
-#: Binary exponents a pair's signal may drift by before it is renormalised: far inside float32's ±126, so no
-#: single layer can overflow it, and rare enough that most steps cost one reduction.
+#: Binary exponents a pair's signal may drift by before it is renormalised, checked after every
+#: CHECK_EVERY-th step that can change its scale: far inside float32's ±126, so two such steps together may
+#: grow a signal by up to 2^94 without overflow (real layers change it by a few powers of two), and the check
+#: (one reduction) runs on half of the steps only.
 _DRIFT = 32
+CHECK_EVERY = 2
 _IN_RANGE = (2.0 ** -_DRIFT, 2.0 ** _DRIFT)
 
 
 class _Scaled:
-    """A signal for B·k pairs as ``values * 2**exponent`` (exponent per pair)."""
+    """A signal for B·k pairs as ``values * 2**exponent`` (exponent per pair); ``unchecked``: rescaling
+    steps since its range was last checked."""
 
-    def __init__(self, values: torch.Tensor, exponent: torch.Tensor):
-        self.values, self.exponent = values, exponent
+    def __init__(self, values: torch.Tensor, exponent: torch.Tensor, unchecked: int = 0):
+        self.values, self.exponent, self.unchecked = values, exponent, unchecked
 
     def _view(self, e: torch.Tensor) -> torch.Tensor:
         return e.view(-1, *([1] * (self.values.dim() - 1)))
 
     def normalised(self) -> "_Scaled":
-        """Rescale the pairs whose max |value| left [2^-32, 2^32] back to [0.5, 1) (one reduction otherwise)."""
-        if not self.values.numel():
-            return self
+        """After a rescaling step: every :data:`CHECK_EVERY`-th time, rescale the pairs whose max |value|
+        left [2^-32, 2^32] back to [0.5, 1) (one reduction when none did)."""
+        if self.unchecked + 1 < CHECK_EVERY or not self.values.numel():
+            return _Scaled(self.values, self.exponent, self.unchecked + 1)
         amax = torch.linalg.vector_norm(self.values.flatten(1), float("inf"), dim=1)
-        lo, hi = (float(v) for v in torch.aminmax(amax))
-        if _IN_RANGE[0] <= lo and hi <= _IN_RANGE[1]:  # the common case: one reduction and one tiny op
-            return self
+        lo, hi = torch.aminmax(torch.where(amax > 0, amax, 1.0))  # a pair whose signal is exactly 0 stays so
+        if _IN_RANGE[0] <= float(lo) and float(hi) <= _IN_RANGE[1]:  # the common case
+            return _Scaled(self.values, self.exponent)
         _, e = torch.frexp(amax)
         drifted = (amax > 0) & torch.isfinite(amax) & ((e > _DRIFT) | (e < -_DRIFT))
-        if not bool(drifted.any()):
-            return self
         e = torch.where(drifted, e.long(), torch.zeros_like(e, dtype=torch.long))
         return _Scaled(torch.ldexp(self.values, self._view(-e).to(self.values.dtype)), self.exponent + e)
 
     def plus(self, other: "_Scaled") -> "_Scaled":
+        """The sum of two signals of the same pairs (a fork in the graph), at the larger exponent of each pair."""
+        unchecked = max(self.unchecked, other.unchecked)
+        if self.exponent is other.exponent:  # the common case: both branches never rescaled since the fork
+            return _Scaled(self.values + other.values, self.exponent, unchecked)
         e = torch.maximum(self.exponent, other.exponent)
         a = torch.ldexp(self.values, self._view(self.exponent - e).to(self.values.dtype))
         b = torch.ldexp(other.values, self._view(other.exponent - e).to(self.values.dtype))
-        return _Scaled(a + b, e)
+        return _Scaled(a + b, e, unchecked)
 
 
 def _last_uses(steps: list[Step]) -> list[int]:
