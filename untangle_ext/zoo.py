@@ -49,11 +49,10 @@ SIZE_CANDIDATES = (64, 70, 75, 96, 112, 128, 160, 192, 224)
 # Families whose builder takes the image size (their positional embeddings / grids depend on it).
 SIZE_KWARG = {"vision_transformer": "image_size", "maxvit": "input_size"}
 # Peak bytes per weight of check_model, which estimates class by class: one class of float64 accumulators
-# (Σx·yᵀ, Σ⁺x, Σ⁺x·y: 24 B) and their pattern transients, the float32 model, its float64 copy and the
-# snapshots (BYTES_PER_WEIGHT), plus each finished class's float32 patterns (BYTES_PER_WEIGHT_PER_CLASS).
-# Provisional; calibrated below on the measured peaks.
+# (Σx·yᵀ, Σ⁺x, Σ⁺x·y: 24 B), the float32 model, pattern transients and snapshots (BYTES_PER_WEIGHT), plus
+# each finished class's three float32 patterns (BYTES_PER_WEIGHT_PER_CLASS).
 BYTES_PER_WEIGHT_PER_CLASS = 12
-BYTES_PER_WEIGHT = 48
+BYTES_PER_WEIGHT = 40
 
 _torchvision_stub: Optional[torch.library.Library] = None
 
