@@ -1,15 +1,19 @@
 """The native pattern op (csrc/cpu/patterns.cpp) == the PyTorch formulas (``_reference.layer_patterns``).
 
-What is asserted, and why. Both compute every covariance element with the same float64 operations
-in the same order; they differ only in the order of the three row reductions (w·cov, ‖cov‖, ‖a‖).
-A reordered sum of D products has an error of at most γ_D·Σ|w_i cov_i| (γ_D = D·ε/(1 − D·ε)), so
-a_i = cov_i / (w·cov) may differ by |a_i|·(2γ_D·c + 2ε) where c = Σ|w_i a_i| ≥ 1 is the condition
-number of the row's denominator: that bound is asserted per element (float64 before the final
-rounding; observed differences are a few ulp). The rounded outputs (float32, float16, bfloat16) must
-equal the op's own float64 result rounded (one rounding, as in the PyTorch code), and κ = ‖a‖·‖w‖
-must match a float64 recomputation from the stored patterns to (D + 4)·ε relative (sums of squares).
-Which neurons are dead must agree exactly (the data stay far from the 1e-12 threshold, except in the
-test built to sit on it).
+What is asserted, and why. The PyTorch code forms cov_i = s_xy,i/n − (s_x,i/n)·E[y] (+ shift_i·δ) and
+a_i = cov_i / (w·cov); the native loop forms n·cov_i without the divisions (a is invariant to that
+positive factor) and reduces w·cov, ‖cov‖ and ‖a‖ in another order.
+So each a_i may differ by the rounding of its own terms, T_i = (|s_xy,i| + |s_x,i·E[y]|)/n + |shift_i·δ|,
+plus the rounding of the denominator (a reordered sum of D terms: γ_D = D·ε/(1 − D·ε)):
+
+    |Δa_i| ≤ (8ε·T_i + |a_i|·(8ε + 2γ_D)·Σ_j |w_j|·T_j) / |w·cov| + 3ε·|a_i|
+
+(ε = float64 epsilon) — a few ulp of float64 before the final rounding for a well-conditioned
+neuron, more only where the covariance itself cancels. That bound is asserted per element. The
+rounded outputs (float32, float16, bfloat16) must equal the op's own float64 result rounded (one
+rounding), and κ = ‖a‖·‖w‖ must match a float64 recomputation from the stored patterns to (D + 4)·ε
+relative (sums of squares). Which neurons are dead must agree exactly (the data stay far from the
+1e-12 threshold, except in the test built to sit on it).
 """
 from __future__ import annotations
 
@@ -58,24 +62,49 @@ def _args(lm, slot: int = 0, positive: bool = False, dtype: torch.dtype = torch.
     return lm.mat[slot], lm.vec[slot], lm.layer.weight.detach(), lm.patch_shift(), positive, dtype
 
 
+def _terms(sums, vec, weight, shift, positive) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per regime (lin, pos, neg): T (K, D), the magnitude of cov's terms, and w·cov (K,), from SPEC's formulas."""
+    g, rows, d = sums.shape
+    kg = (rows - 1) // 3
+    k = g * kg
+    per_neuron = lambda t: t.reshape(k, d)  # noqa: E731
+    sxy, spx, spxy = (per_neuron(sums[:, i * kg:(i + 1) * kg]) for i in range(3))
+    sx = sums[:, 3 * kg:].expand(g, kg, d).reshape(k, d)
+    sh = shift.reshape(g, 1, d).expand(g, kg, d).reshape(k, d)
+    n, n_pos, sum_y, pos_sum_y = vec[-1], vec[k:2 * k], vec[:k], vec[2 * k:3 * k]
+    ey_all = sum_y / n.clamp(min=1)
+    out = []
+    for s_xy, s_x, cnt, sy, shifted in ((sxy, sx, n.expand(k), sum_y, False), (spxy, spx, n_pos, pos_sum_y, True),
+                                         (sxy - spxy, sx - spx, n - n_pos, sum_y - pos_sum_y, True)):
+        n1 = cnt.clamp(min=1).unsqueeze(1)
+        ey_r = (sy / cnt.clamp(min=1)).unsqueeze(1)
+        ey = ey_r if positive and shifted else ey_all.unsqueeze(1)
+        delta = (ey_r - ey_all.unsqueeze(1)) if shifted and not positive else torch.zeros_like(ey)
+        cov = s_xy / n1 - (s_x / n1) * ey + sh * delta
+        terms = (s_xy.abs() + (s_x * ey).abs()) / n1 + (sh * delta).abs()
+        out.append((terms, (weight.double().reshape(k, d) * cov).sum(1)))
+    return out
+
+
 def _assert_close_to_reference(args: tuple) -> None:
-    """Native float64 vs the PyTorch code within the reordered-sum bound (module docstring); κ; dead rows."""
+    """Native float64 vs the PyTorch code within the bound of the module docstring; κ; dead rows."""
     sums, vec, weight, shift, positive, _ = args
     nat = torch.ops.untangle_ext.layer_patterns(sums, vec, weight, shift, positive, torch.float64)
     ref = _reference.layer_patterns(sums, vec, weight, shift, positive, torch.float64)
     k, d = weight.shape[0], weight[0].numel()
     w = weight.double().reshape(k, d)
     gamma = d * EPS / (1 - d * EPS)
-    for e, (a, b) in enumerate(zip(nat[:3], ref[:3])):
+    for e, (a, b, (terms, den)) in enumerate(zip(nat[:3], ref[:3], _terms(sums, vec, weight, shift, positive))):
         a, b = a.reshape(k, d), b.reshape(k, d)
         assert a.dtype == torch.float64 and torch.isfinite(a).all()
         assert torch.equal((a == 0).all(1), (b == 0).all(1)), f"estimator {e}: dead neurons differ"
-        cond = (w * b).abs().sum(1, keepdim=True)
-        bound = b.abs() * (2 * gamma * cond + 2 * EPS)
+        spread = (w.abs() * terms).sum(1, keepdim=True)
+        bound = (8 * EPS * terms + b.abs() * (8 * EPS + 2 * gamma) * spread) / den.abs().unsqueeze(1) + 3 * EPS * b.abs()
+        bound[(b == 0).all(1)] = 0  # dead rows: exactly zero in both
         assert ((a - b).abs() <= bound).all(), f"estimator {e}: max excess {((a - b).abs() - bound).max()}"
         want_kappa = kappa(a, w)
         assert torch.allclose(nat[3][e], want_kappa, rtol=(d + 4) * EPS, atol=0), f"estimator {e}: κ"
-        assert torch.allclose(ref[3][e], want_kappa, rtol=(d + 4) * EPS, atol=0), f"estimator {e}: reference κ"
+        assert torch.allclose(ref[3][e], kappa(b, w), rtol=(d + 4) * EPS, atol=0), f"estimator {e}: reference κ"
 
 
 @pytest.mark.parametrize("positive", [False, True], ids=["mean_y_all", "mean_y_positive"])

@@ -14,7 +14,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
+#include <cstdint>
+#include <memory>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace untangle {
 namespace {
@@ -24,9 +29,12 @@ constexpr double kDead = 1e-12;
 // Neurons per task: at least this many weights, so that a task outweighs its scheduling.
 constexpr int64_t kGrainWeights = 1 << 15;
 
-// One regime's per-neuron scalars: cov = s_xy / n1 - (s_x / n1) ey (+ shift * delta).
+// One regime's per-neuron scalars. cov = s_xy/n1 - (s_x/n1) ey (+ shift * delta) is formed as
+// u = n1 * cov = s_xy - s_x ey (+ shift * (delta n1)): a = u / (w·u) = cov / (w·cov) and the
+// dead-neuron test |w·u| > kDead ‖w‖‖u‖ are invariant to the positive factor n1, so no element
+// is divided (the PyTorch code's nine divisions per weight made this loop compute-bound).
 struct Regime {
-  double n1, ey, delta;
+  double ey, shift_coef;
   bool alive;
 };
 
@@ -34,32 +42,31 @@ struct Regime {
 void regimes(const double* vec, int64_t k, int64_t nk, bool positive, Regime out[3]) {
   const double n = vec[3 * nk], npos = vec[nk + k], sy = vec[k], psy = vec[2 * nk + k];
   const double ey_all = sy / std::max(n, 1.0);
-  out[0] = {std::max(n, 1.0), ey_all, 0.0, n > 1};
+  out[0] = {ey_all, 0.0, n > 1};
   const double cnt[2] = {npos, n - npos}, sy_r[2] = {psy, sy - psy};
   for (int r = 0; r < 2; ++r) {
     const double n1 = std::max(cnt[r], 1.0), ey = sy_r[r] / n1;
-    out[r + 1] = positive ? Regime{n1, ey, 0.0, cnt[r] > 0} : Regime{n1, ey_all, ey - ey_all, cnt[r] > 0};
+    out[r + 1] = positive ? Regime{ey, 0.0, cnt[r] > 0} : Regime{ey_all, (ey - ey_all) * n1, cnt[r] > 0};
   }
 }
 
-// Pass 1 over one neuron: covariances into c[0..2] (dg each); returns w·cov[3], ‖cov‖²[3], ‖w‖².
+// Pass 1 over one neuron: u of the three regimes into c[0..2] (dg each); w·u[3], ‖u‖²[3], ‖w‖².
 template <bool kDelta, typename w_t>
-void covariances(const double* sxy, const double* spx, const double* spxy, const double* sx, const double* sh,
-                 const w_t* w, int64_t dg, const Regime* rg, double* c, double den[3], double cn[3],
-                 double& wn) {
+inline void scaled_covariances(const double* sxy, const double* spx, const double* spxy, const double* sx,
+                               const double* sh, const w_t* w, int64_t dg, const Regime* rg, double* c,
+                               double den[3], double un[3], double& wn) {
   double d0 = 0, d1 = 0, d2 = 0, q0 = 0, q1 = 0, q2 = 0, ww = 0;
-  const double n0 = rg[0].n1, n1 = rg[1].n1, n2 = rg[2].n1, e0 = rg[0].ey, e1 = rg[1].ey, e2 = rg[2].ey;
-  const double t1 = rg[1].delta, t2 = rg[2].delta;
+  const double e0 = rg[0].ey, e1 = rg[1].ey, e2 = rg[2].ey, t1 = rg[1].shift_coef, t2 = rg[2].shift_coef;
   double *c0 = c, *c1 = c + dg, *c2 = c + 2 * dg;
 #pragma omp simd reduction(+ : d0, d1, d2, q0, q1, q2, ww)
   for (int64_t i = 0; i < dg; ++i) {
-    const double wi = static_cast<double>(w[i]), dxy = sxy[i] - spxy[i], dx = sx[i] - spx[i];
-    double v0 = sxy[i] / n0 - (sx[i] / n0) * e0;
-    double v1 = spxy[i] / n1 - (spx[i] / n1) * e1;
-    double v2 = dxy / n2 - (dx / n2) * e2;
+    const double wi = static_cast<double>(w[i]);
+    const double v0 = sxy[i] - sx[i] * e0;
+    double v1 = spxy[i] - spx[i] * e1;
+    double v2 = (sxy[i] - spxy[i]) - (sx[i] - spx[i]) * e2;
     if (kDelta) {
-      v1 = v1 + sh[i] * t1;
-      v2 = v2 + sh[i] * t2;
+      v1 += sh[i] * t1;
+      v2 += sh[i] * t2;
     }
     c0[i] = v0;
     c1[i] = v1;
@@ -72,57 +79,108 @@ void covariances(const double* sxy, const double* spx, const double* spxy, const
     q2 += v2 * v2;
     ww += wi * wi;
   }
-  den[0] = d0, den[1] = d1, den[2] = d2, cn[0] = q0, cn[1] = q1, cn[2] = q2, wn = ww;
+  den[0] = d0;
+  den[1] = d1;
+  den[2] = d2;
+  un[0] = q0;
+  un[1] = q1;
+  un[2] = q2;
+  wn = ww;
 }
 
-// Pass 2 for one regime: a = cov / den rounded to out_t (0 for a dead neuron); returns ‖a‖² of the stored values.
+// Pass 2 for one regime: a = u * (1 / w·u) rounded to out_t (0 for a dead neuron); returns ‖a‖² of the stored values.
 template <typename out_t>
-double normalise(const double* c, int64_t dg, bool ok, double den, out_t* a) {
+inline double normalise(const double* c, int64_t dg, bool ok, double den, out_t* a) {
   if (!ok) {
     std::fill(a, a + dg, static_cast<out_t>(0));
     return 0.0;
   }
+  const double inv = 1.0 / den;
   double an = 0;
 #pragma omp simd reduction(+ : an)
   for (int64_t i = 0; i < dg; ++i) {
-    const out_t v = static_cast<out_t>(c[i] / den);
+    const out_t v = static_cast<out_t>(c[i] * inv);
     a[i] = v;
     an += static_cast<double>(v) * static_cast<double>(v);
   }
   return an;
 }
 
+// Pointers of one call, shared by the tasks.
+template <typename w_t, typename out_t>
+struct Views {
+  const double *sums, *vec, *shift;
+  const w_t* weight;
+  out_t* dst[3];
+  double* kappa;
+  int64_t kg, dg, nk;
+  bool positive;
+};
+
+// Neurons [k0, k1) with the thread's buffer (3 dg doubles).
+template <bool kDelta, typename w_t, typename out_t>
+inline void neurons(const Views<w_t, out_t>& v, int64_t k0, int64_t k1, double* buf) {
+  const int64_t kg = v.kg, dg = v.dg, rows = 3 * kg + 1;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t g = k / kg, r = k % kg;
+    const double* s = v.sums + g * rows * dg;
+    Regime rg[3];
+    regimes(v.vec, k, v.nk, v.positive, rg);
+    double den[3], un[3], wn;
+    scaled_covariances<kDelta>(s + r * dg, s + (kg + r) * dg, s + (2 * kg + r) * dg, s + 3 * kg * dg,
+                               v.shift + g * dg, v.weight + k * dg, dg, rg, buf, den, un, wn);
+    const double w_norm = std::sqrt(wn);
+    for (int e = 0; e < 3; ++e) {
+      const bool ok = rg[e].alive && std::isfinite(den[e]) &&
+                      std::abs(den[e]) > kDead * (w_norm * std::sqrt(un[e])) && den[e] != 0;
+      const double an = normalise(buf + e * dg, dg, ok, den[e], v.dst[e] + k * dg);
+      v.kappa[e * v.nk + k] = std::sqrt(an) * w_norm;
+    }
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// The same loops compiled for AVX2 (flatten inlines them here), chosen at run time. Without FMA on
+// purpose: every element is rounded as in the PyTorch code, so a regime whose covariance vanishes
+// exactly there (one sample with mean_y="positive") vanishes here too instead of leaving an FMA's
+// exact rounding residue as a "pattern".
+template <bool kDelta, typename w_t, typename out_t>
+__attribute__((target("avx2"), flatten)) void neurons_avx2(const Views<w_t, out_t>& v, int64_t k0, int64_t k1,
+                                                                 double* buf) {
+  neurons<kDelta>(v, k0, k1, buf);
+}
+const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+#endif
+
+// Ask for transparent huge pages on the fresh output buffers before their first touch: writing
+// hundreds of MB into new 4 KB pages spent more time in page faults than in the loop (perf, fc
+// layer of the VGG-style net). Advisory only; no effect where THP is off.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHuge = std::uintptr_t{1} << 21;
+  const auto p = reinterpret_cast<std::uintptr_t>(t.data_ptr());
+  const std::uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + t.nbytes()) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
 template <bool kDelta, typename w_t, typename out_t>
 void patterns_loop(const PatternProblem& p, const PatternOutputs& out) {
-  const int64_t kg = p.kg, dg = p.dg, nk = p.groups * kg, rows = 3 * kg + 1;
-  const double* sums = p.sums.const_data_ptr<double>();
-  const double* vec = p.vec.const_data_ptr<double>();
-  const double* shift = p.shift.const_data_ptr<double>();
-  const w_t* weight = p.weight.const_data_ptr<w_t>();
-  out_t* dst[3] = {out.lin.data_ptr<out_t>(), out.pos.data_ptr<out_t>(), out.neg.data_ptr<out_t>()};
-  double* kappa = out.kappa.data_ptr<double>();
-  at::parallel_for(0, nk, std::max<int64_t>(1, kGrainWeights / dg), [&](int64_t k0, int64_t k1) {
-    std::vector<double> buf(3 * dg);
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t g = k / kg, r = k % kg;
-      const double* s = sums + g * rows * dg;
-      Regime rg[3];
-      regimes(vec, k, nk, p.positive_mean_y, rg);
-      double den[3], cn[3], wn;
-      covariances<kDelta>(s + r * dg, s + (kg + r) * dg, s + (2 * kg + r) * dg, s + 3 * kg * dg, shift + g * dg,
-                          weight + k * dg, dg, rg, buf.data(), den, cn, wn);
-      const double w_norm = std::sqrt(wn);
-      for (int e = 0; e < 3; ++e) {
-        const bool ok = rg[e].alive && std::isfinite(den[e]) &&
-                        std::abs(den[e]) > kDead * (w_norm * std::sqrt(cn[e])) && den[e] != 0;
-        const double an = normalise(buf.data() + e * dg, dg, ok, den[e], dst[e] + k * dg);
-        kappa[e * nk + k] = std::sqrt(an) * w_norm;
-      }
-    }
+  const Views<w_t, out_t> v{p.sums.const_data_ptr<double>(), p.vec.const_data_ptr<double>(),
+                            p.shift.const_data_ptr<double>(), p.weight.const_data_ptr<w_t>(),
+                            {out.lin.data_ptr<out_t>(), out.pos.data_ptr<out_t>(), out.neg.data_ptr<out_t>()},
+                            out.kappa.data_ptr<double>(), p.kg, p.dg, p.groups * p.kg, p.positive_mean_y};
+  at::parallel_for(0, v.nk, std::max<int64_t>(1, kGrainWeights / v.dg), [&](int64_t k0, int64_t k1) {
+    const std::unique_ptr<double[]> buf(new double[3 * v.dg]);
+#if defined(__GNUC__) && defined(__x86_64__)
+    if (kHasAvx2) return neurons_avx2<kDelta>(v, k0, k1, buf.get());
+#endif
+    neurons<kDelta>(v, k0, k1, buf.get());
   });
 }
 
 void patterns_cpu(const PatternProblem& p, const PatternOutputs& out) {
+  for (const auto* t : {&out.lin, &out.pos, &out.neg}) advise_huge_pages(*t);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.weight.scalar_type(), "untangle_patterns_w", [&] {
     using w_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.lin.scalar_type(), "untangle_patterns", [&] {
