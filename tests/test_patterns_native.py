@@ -99,7 +99,8 @@ def _assert_close_to_reference(args: tuple) -> None:
         assert a.dtype == torch.float64 and torch.isfinite(a).all()
         assert torch.equal((a == 0).all(1), (b == 0).all(1)), f"estimator {e}: dead neurons differ"
         spread = (w.abs() * terms).sum(1, keepdim=True)
-        bound = (8 * EPS * terms + b.abs() * (8 * EPS + 2 * gamma) * spread) / den.abs().unsqueeze(1) + 3 * EPS * b.abs()
+        bound = (8 * EPS * terms + b.abs() * (8 * EPS + 2 * gamma) * spread) / den.abs().unsqueeze(1) \
+            + 3 * EPS * b.abs()
         bound[(b == 0).all(1)] = 0  # dead rows: exactly zero in both
         assert ((a - b).abs() <= bound).all(), f"estimator {e}: max excess {((a - b).abs() - bound).max()}"
         want_kappa = kappa(a, w)

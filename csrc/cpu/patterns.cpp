@@ -2,10 +2,10 @@
 //
 // One task per block of neurons (at::parallel_for). Per neuron, pass 1 reads its three float64
 // sum rows, the group's Σx~ and shift rows (shared, in cache) and its weight row once, forms the
-// three regimes' covariances into a thread-local buffer (L2/L3) and accumulates w·cov, ‖cov‖²
-// and ‖w‖²; pass 2 divides by w·cov, rounds once to the store dtype, writes the three patterns
-// and accumulates ‖a‖² of the rounded values for κ. Main-memory traffic: 3 float64 reads,
-// one weight read and 3 pattern writes per weight.
+// three regimes' (scaled) covariances into a thread-local buffer (L2/L3) and accumulates w·cov,
+// ‖cov‖² and ‖w‖²; pass 2 scales by 1/(w·cov), rounds once to the store dtype, writes the three
+// patterns and accumulates ‖a‖² of the rounded values for κ. Main-memory traffic: 3 float64
+// reads, one weight read and 3 pattern writes per weight.
 #include "../patterns.h"
 
 #include <ATen/Dispatch.h>
@@ -17,14 +17,10 @@
 #include <cstdint>
 #include <memory>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace untangle {
 namespace {
 
-// Relative size below which w·cov counts as zero (a dead neuron): patterns.py's _DEAD.
+// Relative size below which w·cov counts as zero (a dead neuron): _reference.DEAD.
 constexpr double kDead = 1e-12;
 // Neurons per task: at least this many weights, so that a task outweighs its scheduling.
 constexpr int64_t kGrainWeights = 1 << 15;
@@ -88,7 +84,8 @@ inline void scaled_covariances(const double* sxy, const double* spx, const doubl
   wn = ww;
 }
 
-// Pass 2 for one regime: a = u * (1 / w·u) rounded to out_t (0 for a dead neuron); returns ‖a‖² of the stored values.
+// Pass 2 for one regime: a = u * (1 / w·u) rounded to out_t (0 for a dead neuron); returns ‖a‖² of the
+// stored values.
 template <typename out_t>
 inline double normalise(const double* c, int64_t dg, bool ok, double den, out_t* a) {
   if (!ok) {
@@ -152,18 +149,6 @@ __attribute__((target("avx2"), flatten)) void neurons_avx2(const Views<w_t, out_
 const bool kHasAvx2 = __builtin_cpu_supports("avx2");
 #endif
 
-// Ask for transparent huge pages on the fresh output buffers before their first touch: writing
-// hundreds of MB into new 4 KB pages spent more time in page faults than in the loop (perf, fc
-// layer of the VGG-style net). Advisory only; no effect where THP is off.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr std::uintptr_t kHuge = std::uintptr_t{1} << 21;
-  const auto p = reinterpret_cast<std::uintptr_t>(t.data_ptr());
-  const std::uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + t.nbytes()) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-}
-
 template <bool kDelta, typename w_t, typename out_t>
 void patterns_loop(const PatternProblem& p, const PatternOutputs& out) {
   const Views<w_t, out_t> v{p.sums.const_data_ptr<double>(), p.vec.const_data_ptr<double>(),
@@ -180,7 +165,6 @@ void patterns_loop(const PatternProblem& p, const PatternOutputs& out) {
 }
 
 void patterns_cpu(const PatternProblem& p, const PatternOutputs& out) {
-  for (const auto* t : {&out.lin, &out.pos, &out.neg}) advise_huge_pages(*t);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.weight.scalar_type(), "untangle_patterns_w", [&] {
     using w_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.lin.scalar_type(), "untangle_patterns", [&] {
