@@ -256,7 +256,8 @@ def layer_patterns(sums: torch.Tensor, vec: torch.Tensor, weight: torch.Tensor, 
 
     ``sums`` (G, 3Kg+1, Dg) and ``vec`` (3K+1) are one slot of the moments (layout:
     :mod:`untangle_ext.moments`), ``shift`` (G, Dg) the shift in patch space. κ = ‖a‖·‖w‖ per neuron of
-    the stored (rounded) patterns, float64, 0 where the pattern is 0.
+    the stored (rounded) patterns, float64, 0 where the pattern is 0. The native op (csrc/cpu/patterns.cpp)
+    runs this on CPU; this PyTorch code is the implementation for CUDA tensors and without the extension.
     """
     g, rows_per_group, dg = sums.shape
     kg = (rows_per_group - 1) // 3
