@@ -14,4 +14,8 @@ TORCH_LIBRARY(untangle_ext, m) {
   m.def(
       "pattern_backward_conv(Tensor grad_out, Tensor patterns, Tensor slots, int[] input_size, "
       "int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+  // One class's moments of one layer -> a_lin, a_pos, a_neg (shaped like weight, in dtype), kappa (3, K).
+  m.def(
+      "layer_patterns(Tensor sums, Tensor vec, Tensor weight, Tensor shift, bool positive_mean_y, "
+      "ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)");
 }

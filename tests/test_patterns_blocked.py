@@ -1,11 +1,12 @@
-"""The blocked pattern computation gives exactly the numbers of the whole-layer formulas (bit for bit)."""
+"""The blocked PyTorch pattern computation (``_reference.layer_patterns``, the fallback and the oracle of the
+native op) gives exactly the numbers of the whole-layer formulas (bit for bit)."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn as nn
 
-from untangle_ext import patterns
+from untangle_ext import _reference, ops
 from untangle_ext.moments import LayerMoments, Moments
 from untangle_ext.patterns import compute_patterns
 from untangle_ext.trace import Program
@@ -75,11 +76,12 @@ def _moments(name: str, slots: int = 2) -> tuple[Program, Moments]:
     return program, moments
 
 
-@pytest.mark.parametrize("block", [1, 100, patterns.BLOCK_ELEMENTS])
+@pytest.mark.parametrize("block", [1, 100, _reference.BLOCK_ELEMENTS])
 @pytest.mark.parametrize("mean_y", ["all", "positive"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_blocked_patterns_bit_identical_to_whole_layer_formulas(name, mean_y, block, monkeypatch):
-    monkeypatch.setattr(patterns, "BLOCK_ELEMENTS", block)  # 1: one row per thread; 100: a few rows
+    monkeypatch.setattr(ops, "layer_patterns", _reference.layer_patterns)  # the PyTorch code on every backend
+    monkeypatch.setattr(_reference, "BLOCK_ELEMENTS", block)  # 1: one row per thread; 100: a few rows
     program, moments = _moments(name)
     for lm in moments.layers.values():
         for slot in range(moments.num_slots):

@@ -1,4 +1,4 @@
-"""Pure-PyTorch implementations of the engine's two hot operations.
+"""Pure-PyTorch implementations of the engine's hot operations.
 
 These are the fallback backend and the oracle that the native kernels are
 tested against. Only :mod:`untangle_ext.ops` imports this module.
@@ -27,10 +27,14 @@ Convolutions have 1, 2 or 3 spatial dimensions (``len(stride)``).
 Pattern backward for ``N`` (image, class) pairs: pair ``i`` is reversed
 through ``patterns[slots[i]]`` (the transpose of a Linear / ConvNd layer whose
 weight is that pattern).
+
+Patterns from one class's moments of one layer (:func:`layer_patterns`): the linear
+(eq. 4) and two-component (eq. 8) estimators and κ, computed in blocks of neurons
+(the float64 temporaries stay in cache); the formulas are :mod:`untangle_ext.patterns`'.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -177,3 +181,107 @@ def pattern_backward_conv(
 
     _scatter_by_slot(slots, patterns.shape[0], update)
     return grad_in
+
+
+# ---------------------------------------------------------------- patterns from moments
+#: Relative size below which ``w^T cov`` counts as zero (a dead neuron); csrc/cpu/patterns.cpp uses the same.
+DEAD = 1e-12
+#: Elements of one float64 block temporary (5 live at once, in L2 instead of RAM): below PyTorch's
+#: grain size (32768), so each op runs on one thread with no barrier (on a loaded machine 2-thread
+#: ops on 1 MB blocks were measured 10x slower) and each row is reduced serially, as in the
+#: whole-layer formulas (a row longer than this is blocked with >= one row per thread instead).
+BLOCK_ELEMENTS = (1 << 15) - 1
+
+
+class _Regime(NamedTuple):
+    """Per-neuron scalars of one regime, as (G, Kg, 1) columns: 1/n's divisor, E[y] and the shift term."""
+
+    n1: torch.Tensor     # count clamped to >= 1
+    ey: torch.Tensor     # the E[y] subtracted from x~y
+    delta: Optional[torch.Tensor]  # E[y|regime] - E[y] multiplying the shift (mean_y="all"), else None
+    alive: torch.Tensor  # (G, Kg) bool
+
+
+def _regimes(vec: torch.Tensor, groups: int, positive_mean_y: bool) -> tuple[_Regime, _Regime, _Regime]:
+    """The linear, positive and negative regimes' per-neuron scalars from ``vec`` = [Σy~ | n+ | Σg y~ | n]."""
+    k = (vec.shape[0] - 1) // 3
+    col = lambda t: t.reshape(groups, k // groups, 1)  # noqa: E731
+    n = vec[-1].expand(k)
+    sum_y, n_pos, pos_sum_y = vec[:k], vec[k:2 * k], vec[2 * k:3 * k]
+    ey_all = sum_y / n.clamp(min=1)
+
+    def regime(cnt: torch.Tensor, sy: torch.Tensor) -> _Regime:
+        ey = sy / cnt.clamp(min=1)
+        if positive_mean_y:
+            return _Regime(col(cnt.clamp(min=1)), col(ey), None, (cnt > 0).reshape(groups, -1))
+        return _Regime(col(cnt.clamp(min=1)), col(ey_all), col(ey - ey_all), (cnt > 0).reshape(groups, -1))
+
+    lin = _Regime(col(n.clamp(min=1)), col(ey_all), None, (n > 1).reshape(groups, -1))
+    return lin, regime(n_pos, pos_sum_y), regime(n - n_pos, sum_y - pos_sum_y)
+
+
+def _cov_into(out: torch.Tensor, tmp: torch.Tensor, sxy: torch.Tensor, sx: torch.Tensor, shift: torch.Tensor,
+              r: _Regime, gi: int, rows: slice) -> None:
+    """``out = sxy/n - (sx/n) E[y] (+ shift * delta)``: one regime's covariance for a block of rows."""
+    n1 = r.n1[gi, rows]
+    torch.div(sxy, n1, out=out)
+    torch.div(sx, n1, out=tmp)
+    tmp.mul_(r.ey[gi, rows])
+    out.sub_(tmp)
+    if r.delta is not None:
+        torch.mul(shift, r.delta[gi, rows], out=tmp)
+        out.add_(tmp)
+
+
+def _normalise_into(dst: torch.Tensor, cov: torch.Tensor, tmp: torch.Tensor, w: torch.Tensor,
+                    w_norm: torch.Tensor, alive: torch.Tensor) -> None:
+    """``dst = cov / (w_k^T cov_k)`` (rounded once to ``dst``'s dtype); rows of dead neurons or vanishing denominators are zero."""
+    den = torch.mul(w, cov, out=tmp).sum(1)
+    scale = w_norm * cov.norm(dim=1)
+    ok = alive & torch.isfinite(den) & (den.abs() > DEAD * scale) & (den != 0)
+    torch.div(cov, torch.where(ok, den, torch.ones_like(den)).unsqueeze(1), out=dst)
+    dst.masked_fill_(~ok.unsqueeze(1), 0.0)
+
+
+def _block_rows(kg: int, dg: int) -> int:
+    """Neurons per block: as many rows as fit in :data:`BLOCK_ELEMENTS`, else one row per thread."""
+    rows = BLOCK_ELEMENTS // max(dg, 1)
+    return min(kg, rows if rows >= 1 else torch.get_num_threads())
+
+
+def layer_patterns(sums: torch.Tensor, vec: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor,
+                   positive_mean_y: bool, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``a_lin, a_pos, a_neg`` (shaped like ``weight``, float64 maths rounded once to ``dtype``) and κ (3, K).
+
+    ``sums`` (G, 3Kg+1, Dg) and ``vec`` (3K+1) are one slot of the moments (layout:
+    :mod:`untangle_ext.moments`), ``shift`` (G, Dg) the shift in patch space. κ = ‖a‖·‖w‖ per neuron of
+    the stored (rounded) patterns, float64, 0 where the pattern is 0. The native op (csrc/cpu/patterns.cpp)
+    runs this on CPU; this PyTorch code is the implementation for CUDA tensors and without the extension.
+    """
+    g, rows_per_group, dg = sums.shape
+    kg = (rows_per_group - 1) // 3
+    sxy, spx, spxy, sx = sums[:, :kg], sums[:, kg:2 * kg], sums[:, 2 * kg:3 * kg], sums[:, 3 * kg:]
+    w = weight.detach().reshape(g, kg, dg)
+    regimes = _regimes(vec, g, positive_mean_y)
+    out = [torch.empty((g, kg, dg), dtype=dtype, device=sums.device) for _ in regimes]
+    kappa = torch.empty((3, g, kg), dtype=torch.float64, device=sums.device)
+    rows = _block_rows(kg, dg)
+    scratch = torch.empty((5, rows, dg), dtype=torch.float64, device=sums.device)
+    for gi in range(g):
+        for r0 in range(0, kg, rows):
+            r1 = min(r0 + rows, kg)
+            rs, b = slice(r0, r1), r1 - r0
+            wb, tmp, dxy, dx, cov = (s[:b] for s in scratch)
+            wb.copy_(w[gi, rs])
+            w_norm = wb.norm(dim=1)
+            sx_g, shift_g = sx[gi], shift[gi:gi + 1]
+            torch.sub(sxy[gi, rs], spxy[gi, rs], out=dxy)
+            torch.sub(sx_g, spx[gi, rs], out=dx)
+            block_sums = ((sxy[gi, rs], sx_g), (spxy[gi, rs], spx[gi, rs]), (dxy, dx))
+            for e, ((s_xy, s_x), r, o) in enumerate(zip(block_sums, regimes, out)):
+                _cov_into(cov, tmp, s_xy, s_x, shift_g, r, gi, rs)
+                _normalise_into(o[gi, rs], cov, tmp, wb, w_norm, r.alive[gi, rs])
+                kappa[e, gi, rs] = torch.linalg.vector_norm(o[gi, rs], dim=1, dtype=torch.float64) * w_norm
+    shape = weight.shape
+    return out[0].reshape(shape), out[1].reshape(shape), out[2].reshape(shape), kappa.reshape(3, -1)

@@ -64,19 +64,25 @@ def kappa(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return norm(a) * norm(w)
 
 
-def apply_limits(patterns: dict[str, torch.Tensor], weight: torch.Tensor, limits: Limits) -> dict[str, torch.Tensor]:
+def apply_limits(patterns: dict[str, torch.Tensor], weight: torch.Tensor, limits: Limits,
+                 kappas: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Add ``kappa_*`` (K,) to ``patterns`` (fresh tensors from :func:`patterns.compute_patterns`, zeroed in place)
-    and zero the neurons beyond ``limits``; patterns are shaped like ``weight``, counts ``n_pos`` (K,) and ``n`` ()."""
+    and zero the neurons beyond ``limits``; patterns are shaped like ``weight``, counts ``n_pos`` (K,) and ``n`` ().
+
+    ``kappas`` (3, K): κ of a_lin, a_pos, a_neg when the caller has them (the pattern op computes them
+    in its pass); otherwise they are computed here, one more read of the patterns. Only the rows of
+    dead neurons are written.
+    """
     k = weight.shape[0]
     w = weight.reshape(k, -1)
     n_pos, n = patterns["n_pos"].double(), patterns["n"].double().expand(k)
     counts = {"lin": n, "pos": n_pos, "neg": n - n_pos}
     out = dict(patterns)
-    for key, regime in ESTIMATORS.items():
+    for i, (key, regime) in enumerate(ESTIMATORS.items()):
         a = patterns[key].reshape(k, -1)
-        kap = kappa(a, w)
+        kap = kappa(a, w) if kappas is None else kappas[i]
         dead = (kap > limits.kappa_max) | (counts[regime] < limits.min_samples)
-        a.masked_fill_(dead.unsqueeze(1), 0)
+        a.index_fill_(0, dead.nonzero().flatten(), 0)
         out[f"kappa_{regime}"] = kap.to(torch.float32)
     return out
 

@@ -66,7 +66,8 @@ def _jit_build() -> str:
 
 
 #: The ops every native build must provide (schemas in csrc/ops.cpp).
-OPS = ("accumulate_linear", "accumulate_conv", "pattern_backward_linear", "pattern_backward_conv")
+#: layer_patterns (csrc/patterns.cpp) has a CPU kernel only: CUDA tensors take its PyTorch code (see _route).
+OPS = ("accumulate_linear", "accumulate_conv", "pattern_backward_linear", "pattern_backward_conv", "layer_patterns")
 
 
 def _check_ops() -> None:
@@ -117,6 +118,11 @@ def _register_fakes() -> None:
     def _(grad_out, patterns, slots, input_size, stride, padding, dilation, groups):
         return grad_out.new_empty((grad_out.shape[0], patterns.shape[2] * groups, *input_size))
 
+    @torch.library.register_fake("untangle_ext::layer_patterns")
+    def _(sums, vec, weight, shift, positive_mean_y, dtype):
+        a = weight.new_empty(weight.shape, dtype=dtype)
+        return a, torch.empty_like(a), torch.empty_like(a), sums.new_empty((3, weight.shape[0]))
+
 
 def _native_devices() -> frozenset:
     """Device types the loaded library has kernels for (a CPU-only build leaves CUDA to PyTorch)."""
@@ -155,18 +161,20 @@ def backend() -> BackendInfo:
 
 
 def _route(name: str) -> Callable:
-    """The native op for tensors on a device it has kernels for, else the PyTorch one."""
+    """The native op for tensors on a device it has kernels for (this op's own), else the PyTorch one."""
     reference = getattr(_reference, name)
-    if not _NATIVE_DEVICES:
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    devices = frozenset(d for d in _NATIVE_DEVICES if has(f"untangle_ext::{name}", d.upper()))
+    if not devices:
         return reference
     native = getattr(torch.ops.untangle_ext, name)
 
     def op(first: torch.Tensor, *args):
-        return native(first, *args) if first.device.type in _NATIVE_DEVICES else reference(first, *args)
+        return native(first, *args) if first.device.type in devices else reference(first, *args)
 
     op.__name__ = op.__qualname__ = name
     op.__doc__ = reference.__doc__
     return op
 
 
-accumulate_linear, accumulate_conv, pattern_backward_linear, pattern_backward_conv = map(_route, OPS)
+accumulate_linear, accumulate_conv, pattern_backward_linear, pattern_backward_conv, layer_patterns = map(_route, OPS)
