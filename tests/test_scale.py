@@ -138,3 +138,35 @@ def test_one_pass_memory_of_a_thousand_classes():
     print(f"\npeak - RSS before = {r['peak'] - r['current_before']} B; accumulators {r['accumulators']} B, "
           f"float64 patterns {r['patterns_f64']} B, batch {r['batch']} B")
     assert r["peak"] - r["current_before"] <= 2 * one_class
+
+
+def test_compat_signal_attribution_reads_only_the_classes_it_explains(tmp_path, monkeypatch):
+    """The tutorial's ``signal_attribution`` over 50 store files opens the first (input shape) and the top-k."""
+    from untangle_ext import UntangleAI
+    from untangle_ext.store import SignalStore
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 50)).double().eval()
+    labels = torch.arange(50).repeat(3)
+    x = torch.randn(labels.numel(), 10, dtype=torch.float64) + labels.view(-1, 1) / 10
+    written = SignalEstimator(net, progress=False).fit_to_files(tmp_path / "net", DataLoader(
+        TensorDataset(x, labels), batch_size=8))
+    assert len(written) == 50
+    opened = []
+    original = SignalStore.load.__func__
+    monkeypatch.setattr(SignalStore, "load", classmethod(lambda cls, path, *a, **k: opened.append(Path(path).name)
+                                                         or original(cls, path, *a, **k)))
+    attributor = UntangleAI().signal_attribution(net, str(tmp_path / "net"), cache_size=4)
+    got = attributor.explain(x[:1], topk=3)
+    top = got.targets[0].tolist()
+    assert sorted(opened) == sorted({"net_class_0.pkl", *(f"net_class_{c}.pkl" for c in top)})
+    eager = Attributor(net, {c: SignalStore.load(p) for c, p in written.items() if c in top})
+    assert torch.equal(got.attributions, eager.explain(x[:1], topk=3).attributions)
+    opened.clear()
+    attributor.explain(x[100:108], topk=3)  # 8 images: more classes than the cache; it stays bounded
+    assert len(attributor.lazy.cached) <= 4 and 0 < len(opened) <= 24
+    (tmp_path / "net_class_7.pkl").unlink()
+    with pytest.raises(FileNotFoundError, match="net_class_7.pkl"):
+        UntangleAI().signal_attribution(net, str(tmp_path / "net"), classes=[3, 7])
+    assert UntangleAI().signal_attribution(net, str(tmp_path / "net")).lazy.classes == \
+        [c for c in range(50) if c != 7]
