@@ -131,8 +131,8 @@ def test_one_pass_memory_of_a_thousand_classes():
     0.2% of a ResNet-50 class's accumulators, but 110% of this small net's 1.19 MB); 10% on top, and
     256 KiB of heap slack. The worker runs with glibc's mmap threshold at 64 KiB so that freed blocks
     leave the RSS (with the default heap the same code measured anything from 0.1 to 2 MB). Measured on
-    this machine (load ~15): 2.51 and 2.93 MB (native backend), 2.58 MB (torch backend) against a bound of
-    3.34 MB; the peak is the second layer's patterns (its accumulators, the scratch, the store), the first
+    this machine (load ~15): 2.51, 2.63 and 2.93 MB (native backend), 2.58 MB (torch backend) against a bound
+    of 3.23 MB; the peak is the second layer's patterns (its accumulators, the scratch, the store), the first
     layer's accumulators being freed by then. Holding every class would need 1,000 working sets."""
     worker = Path(__file__).with_name("_rss_worker.py")
     out = subprocess.run([sys.executable, str(worker), "1000", "2"], capture_output=True, text=True, timeout=1800,
