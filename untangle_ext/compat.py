@@ -95,6 +95,17 @@ def load_stores(signal_store_path: str, classes: Iterable[int], program: Optiona
     With ``program`` (and the model's ``fingerprint``) each store is checked against that model.
     """
     classes = list(dict.fromkeys(int(c) for c in classes))
+    check_store_files(signal_store_path, classes)
+    stores = {c: SignalStore.load(class_store_path(signal_store_path, c), expected_class=c) for c in classes}
+    if program is not None:
+        for store in stores.values():
+            store.check_matches(program, fingerprint)
+    return stores
+
+
+def check_store_files(signal_store_path: str, classes: Iterable[int]) -> None:
+    """Raise FileNotFoundError naming every missing ``{prefix}_class_{c}.pkl`` of ``classes`` and how to make them
+    (a stat per class: nothing is read)."""
     _check_prefix(signal_store_path)
     missing = [str(class_store_path(signal_store_path, c)) for c in classes
                if not class_store_path(signal_store_path, c).is_file()]
@@ -102,11 +113,6 @@ def load_stores(signal_store_path: str, classes: Iterable[int], program: Optiona
         raise FileNotFoundError(f"no signal store for {len(missing)} class(es): {', '.join(missing)}. Run "
                                 f"UntangleAI().estimate_signals(model, {str(signal_store_path)!r}, train_loader_fun, "
                                 "args) for these classes first")
-    stores = {c: SignalStore.load(class_store_path(signal_store_path, c), expected_class=c) for c in classes}
-    if program is not None:
-        for store in stores.values():
-            store.check_matches(program, fingerprint)
-    return stores
 
 
 def _check_prefix(signal_store_path: Any) -> None:
@@ -224,13 +230,23 @@ class UntangleAI:
 
     # ----------------------------------------------------------------- attribution
 
-    def signal_attribution(self, model: nn.Module, signal_store_path: str,
-                           classes: Optional[Sequence[int]] = None) -> Attributor:
-        """The native attributor with the stores of ``classes`` (default: every class) loaded."""
-        attributor = Attributor(model)
-        ids = validation.class_ids(classes, attributor.num_classes, "classes") or range(attributor.num_classes)
-        add_stores(attributor, model, signal_store_path, ids)
-        return attributor
+    def signal_attribution(self, model: nn.Module, signal_store_path: str, classes: Optional[Sequence[int]] = None,
+                           cache_size: int = 64) -> Attributor:
+        """The native attributor over the stores of ``classes`` (default: every class with a store file), read
+        lazily: an explanation reads only the classes it needs, at most ``cache_size`` held (LRU;
+        :meth:`Attributor.from_prefix`)."""
+        num_classes = Program(model).num_outputs
+        ids = validation.class_ids(classes, num_classes, "classes")
+        if ids is None:
+            _check_prefix(signal_store_path)
+            ids = [c for c in range(num_classes) if class_store_path(signal_store_path, c).is_file()]
+            if not ids:
+                raise FileNotFoundError(
+                    f"no signal store {os.fspath(signal_store_path)}_class_<c>.pkl exists for any of the model's "
+                    f"{num_classes} classes. Run UntangleAI().estimate_signals(model, {str(signal_store_path)!r}, "
+                    "train_loader_fun, args) first")
+        check_store_files(signal_store_path, ids)
+        return Attributor.from_prefix(model, signal_store_path, ids, cache_size=cache_size)
 
     def get_topk_pred(self, model: nn.Module, input: torch.Tensor,  # noqa: A002 (the tutorial's name)
                       ID2Name_Map: Optional[Mapping[Any, str]], topk: int) -> loaders.TopK:

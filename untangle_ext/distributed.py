@@ -151,19 +151,37 @@ def shard_batches(batches: Iterable) -> Iterable:
     return itertools.islice(batches, shard.rank, None, shard.world_size)
 
 
+def collective_device() -> Optional[torch.device]:
+    """Where the process group's collectives need their tensors: this rank's GPU under NCCL (which reduces
+    CUDA tensors only), None (anywhere) under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+
+
+def _collective(op: Callable[[torch.Tensor], object], t: torch.Tensor) -> None:
+    """Run the in-place collective ``op`` on ``t``; under NCCL a tensor that is not on this rank's GPU
+    (accumulators of a model kept on the CPU) goes through a GPU copy and comes back."""
+    device = collective_device()
+    if device is None or t.device == device:
+        op(t)
+        return
+    on_device = t.to(device)
+    op(on_device)
+    t.copy_(on_device)
+
+
 def _common_shifts(moments: Moments, shard: Shard, device: torch.device) -> Optional[list[torch.Tensor]]:
     """The shifts of the lowest rank that saw data (bit-identical on every rank), or None if no rank did."""
     mine = moments.shifts()
     source = torch.tensor([shard.rank if mine is not None else shard.world_size], device=device)
-    dist.all_reduce(source, op=dist.ReduceOp.MIN)
+    _collective(lambda t: dist.all_reduce(t, op=dist.ReduceOp.MIN), source)
     src = int(source.item())
     if src == shard.world_size:
         return None
     layers = [lm.layer for lm in moments.layers.values()]
     sizes = [layer.in_features for layer in layers]
-    flat = (torch.cat([s.double().flatten() for s in mine]) if shard.rank == src
+    flat = (torch.cat([s.double().flatten() for s in mine]).to(device) if shard.rank == src
             else torch.empty(sum(sizes), dtype=torch.float64, device=device))
-    dist.broadcast(flat, src=src)
+    _collective(lambda t: dist.broadcast(t, src=src), flat)
     return [s.to(layer.weight.dtype) for s, layer in zip(flat.split(sizes), layers)]
 
 
@@ -178,7 +196,8 @@ def all_reduce(moments: Moments) -> None:
     exactly (:meth:`Moments.reshift`) to the shift of the lowest rank that saw data;
     a rank without data has all-zero sums, valid about any shift. Then the
     sums (:meth:`Moments.sums`) and the per-slot image counts are all-reduced.
-    Every rank must call this.
+    Every rank must call this. Under NCCL every collective runs on this rank's GPU
+    (:func:`collective_device`), wherever the accumulators live.
     """
     shard = current()
     if shard is None:
@@ -188,10 +207,8 @@ def all_reduce(moments: Moments) -> None:
     if common is not None:
         moments.reshift(common)
     for t in sums:
-        dist.all_reduce(t)
-    images = moments.images.to(sums[0].device)
-    dist.all_reduce(images)
-    moments.images.copy_(images.cpu())
+        _collective(dist.all_reduce, t)
+    _collective(dist.all_reduce, moments.images)
 
 
 def _local(moments: Moments) -> None:
@@ -224,9 +241,8 @@ def gather_classes(classes: Sequence[int], num_classes: int) -> list[int]:
     shard = current()
     if shard is None:
         return sorted(classes)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    mask = torch.zeros(num_classes + 1, dtype=torch.int32, device=device)
-    mask[torch.tensor([c + 1 for c in classes], dtype=torch.long, device=device)] = 1  # +1: ALL_CLASSES is -1
+    mask = torch.zeros(num_classes + 1, dtype=torch.int32, device=collective_device() or "cpu")
+    mask[torch.tensor([c + 1 for c in classes], dtype=torch.long, device=mask.device)] = 1  # +1: ALL_CLASSES is -1
     dist.all_reduce(mask)
     return [i - 1 for i in torch.nonzero(mask).view(-1).tolist()]
 
@@ -234,4 +250,5 @@ def gather_classes(classes: Sequence[int], num_classes: int) -> list[int]:
 def barrier() -> None:
     """Wait until every rank gets here (after each has written its files); a no-op unless distributed."""
     if current() is not None:
-        dist.barrier()
+        device = collective_device()  # NCCL: name this rank's GPU (else NCCL guesses one from the rank)
+        dist.barrier(device_ids=None if device is None else [device.index])

@@ -162,22 +162,32 @@ class SignalEstimator:
             return torch.zeros_like(labels)
         return slots_of(labels, chunk, self.num_classes)
 
-    def _stores(self, moments: Moments, chunk: list[int]) -> Iterator[tuple[int, SignalStore]]:
-        """One store per class of ``chunk`` that saw at least one sample (empty ones are warned about)."""
+    def _stores(self, moments: Moments, chunk: list[int],
+                share: Optional[set[int]] = None) -> Iterator[tuple[int, SignalStore]]:
+        """One store per class of ``chunk`` (of ``share``, if given) that saw at least one sample; empty ones
+        are warned about. CONSUMES ``moments``: each layer's accumulators are freed as soon as its last
+        pattern is computed (the smallest layers first), so the stores being built replace them."""
         warn_empty([c for slot, c in enumerate(chunk) if int(moments.images[slot]) == 0])
         signature = layer_signature(self.program)
         options = {"mean_y": self.mean_y, "per_class": self.per_class, "store_dtype": str(self.store_dtype)[6:],
                    **self.limits.options()}
-        for slot, class_id in enumerate(chunk):
-            images = int(moments.images[slot])
-            if images == 0:
-                continue
-            patterns = {}
-            for name, lm in moments.layers.items():
-                p = compute_patterns(lm, slot, self.mean_y, dtype=self.store_dtype, limits=self.limits)
-                patterns[name] = {k: (v.to(self.store_dtype) if k.startswith("a_") else v) for k, v in p.items()}
-            yield class_id, SignalStore(class_id, patterns, signature, self.fingerprint, images, options,
-                                        input_shape=self._checker.expected)
+        todo = [(slot, c) for slot, c in enumerate(chunk)
+                if int(moments.images[slot]) > 0 and (share is None or c in share)]
+        names = list(moments.layers)
+        order = sorted(names, key=lambda name: moments.layers[name].mat.numel())
+        for i, (slot, class_id) in enumerate(todo):
+            last = i == len(todo) - 1
+            patterns = {name: self._patterns(moments, name, slot, release=last) for name in order}
+            patterns = {name: patterns[name] for name in names}
+            yield class_id, SignalStore(class_id, patterns, signature, self.fingerprint, int(moments.images[slot]),
+                                        options, input_shape=self._checker.expected)
+
+    def _patterns(self, moments: Moments, name: str, slot: int, release: bool) -> dict[str, torch.Tensor]:
+        """The patterns of one layer and class slot in the store dtype; ``release`` frees that layer's accumulators."""
+        p = compute_patterns(moments.layers[name], slot, self.mean_y, dtype=self.store_dtype, limits=self.limits)
+        if release:
+            del moments.layers[name]
+        return {k: (v.to(self.store_dtype) if k.startswith("a_") else v) for k, v in p.items()}
 
     def iter_fit(self, loader: Batches, labels: Optional[Sequence[int]] = None,
                  classes: Optional[Sequence[int]] = None) -> Iterator[tuple[int, SignalStore]]:
@@ -216,7 +226,7 @@ class SignalEstimator:
                                                   "check the dataset (and its filters / sampler) behind the loader")
             self._reduce(moments)
             share = set(distributed.class_share(chunk))
-            yield from ((c, s) for c, s in self._stores(moments, chunk) if c in share)
+            yield from self._stores(moments, chunk, share)
             del moments
 
     def _by_class(self, loader, labels: torch.Tensor, classes: list[int]) -> Iterator[tuple[int, SignalStore]]:
@@ -225,21 +235,21 @@ class SignalEstimator:
         per_class, schedule = class_loader(loader, labels, classes)
         bar = tqdm(per_class, desc="estimating signals (class by class)", disable=bars_off(self.progress),
                    leave=False)
-        current, moments = None, None
+        moments = None
         for i, (batch, c) in enumerate(zip(bar, schedule)):
             x, got = self._batch(batch, f"class {c}, batch {i}")
+            del batch
             if bool((got != c).any()):
                 raise ValueError(f"class {c}, batch {i}: the batch has labels {sorted(set(got.tolist()))[:5]} but the "
                                  f"data set's labels say class {c}; the labels must list each sample's class in "
                                  "the data set's index order")
-            if c != current:
-                if moments is not None:
-                    yield from self._stores(moments, [current])
-                moments = None  # free the finished class before allocating the next
-                current, moments = c, Moments(self.program, 1)
+            if moments is None:
+                moments = Moments(self.program, 1)
             moments.update(x, torch.zeros(x.shape[0], dtype=torch.long, device=self.device))
-        if moments is not None:
-            yield from self._stores(moments, [current])
+            if i + 1 == len(schedule) or schedule[i + 1] != c:  # the class's last batch: free it, then its stores
+                del x, got
+                yield from self._stores(moments, [c])
+                moments = None
 
     def fit(self, loader: Batches, labels: Optional[Sequence[int]] = None) -> dict[int, SignalStore]:
         """Estimate from one loader of ``(images, labels)``: ``{class: store}`` (see :meth:`iter_fit`)."""
