@@ -6,6 +6,7 @@ the device-generic driver); the tests at the end need a CUDA GPU (``make gpu-che
 """
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -125,6 +126,19 @@ def test_fitting_build_checks_each_device_once(monkeypatch):
 def test_forced_torch_backend_runs_cuda_tensors_on_pytorch(monkeypatch):
     monkeypatch.setenv("UNTANGLE_EXT_BACKEND", "torch")
     assert ops._route("accumulate_conv") is _reference.accumulate_conv
+
+
+def test_jit_build_adds_ptx_and_restores_the_environment(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    with ops._cuda_arch_list() as ptx:
+        assert ptx == 86 and os.environ["TORCH_CUDA_ARCH_LIST"] == "8.6+PTX"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.6"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(9, 0), (8, 0)][i])
+    with ops._cuda_arch_list() as ptx:  # no list given: the visible GPUs', PTX for the newest
+        assert ptx == 90 and os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX"
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ
 
 
 def test_older_torch_build_is_refused_at_load(monkeypatch):
