@@ -5,8 +5,11 @@ extension compiles against the torch already installed. The CPU kernels are alwa
 built; the CUDA kernels too when torch has CUDA and nvcc exists (no GPU needed).
 Environment switches: ``UNTANGLE_EXT_NO_NATIVE=1`` builds no extension (the package
 then JIT-builds it or falls back to PyTorch), ``UNTANGLE_EXT_NO_CUDA=1`` builds CPU only.
+CUDA architectures: ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0``), always with PTX for the
+newest entry so that newer GPU generations can JIT-compile the kernels.
 """
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -26,6 +29,15 @@ def _cuda_include_dirs() -> list:
 
     site = os.path.dirname(os.path.dirname(torch.__file__))
     return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
+
+
+def _native_build():
+    """untangle_ext/_native_build.py loaded by path (importing the package would load the extension)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "untangle_ext", "_native_build.py")
+    spec = importlib.util.spec_from_file_location("_native_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _extensions():
@@ -48,8 +60,10 @@ def _extensions():
     use_cuda = torch.version.cuda is not None and bool(nvcc) and not _flag("UNTANGLE_EXT_NO_CUDA")
     kwargs = dict(extra_compile_args=args, extra_link_args=["-fopenmp"])
     if use_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # required when no GPU is visible
-        args["nvcc"] = ["-O3"]
+        archs = _native_build()
+        # Required when no GPU is visible; PTX of the newest arch runs on later GPU generations.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs.with_ptx(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        args["nvcc"] = ["-O3", f"-DUNTANGLE_EXT_PTX_ARCH={archs.ptx_arch(os.environ['TORCH_CUDA_ARCH_LIST'])}"]
         ext = cpp_extension.CUDAExtension(
             "untangle_ext._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
             include_dirs=_cuda_include_dirs(), **kwargs)

@@ -107,6 +107,11 @@ def preflight() -> Optional[str]:
     info = backend()
     if info.name != "native":
         return f"the native extension is not active on this GPU machine: {info.reason}"
+    from untangle_ext import ops
+    try:
+        ops._check_cuda(torch.device("cuda", torch.cuda.current_device()))
+    except RuntimeError as exc:  # the build does not fit this GPU: say why before running anything
+        return str(exc)
     return None
 
 

@@ -9,7 +9,8 @@
 //   mat[s] += design_s^T xs_s per slot segment (mm / convolution weight grad, no im2col);
 //            small Linear segments use an in-place float64 addmm instead
 //   vec[s] += [sum y | sum gate | sum gate*y | n]   (3K + 1), same pass
-// xs, y (linear) and design live in reused scratch buffers: no large allocation per batch.
+// xs, y (linear) and design are scratch (untangle.h: reused on CPU, PyTorch's caching allocator
+// elsewhere); a batch whose scratch would exceed the scratch limit runs in chunks of sorted rows.
 #include "untangle.h"
 
 #include <ATen/ops/convolution.h>
@@ -61,75 +62,117 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
               "), got ", vec.scalar_type(), " ", vec.sizes());
 }
 
-// x (N, C, *sp) for a conv with geometry g, or (N, D) for Linear (g.nd() == 0); weight (K, D) or
-// (K, C/groups, *kernel).
-at::Tensor accumulate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shift,
-                      const at::Tensor& out_offset, const at::Tensor& slots, at::Tensor& mat, at::Tensor& vec,
-                      const ConvGeometry& g) {
-  const bool linear = g.nd() == 0;
-  const int64_t n = x.size(0), c = x.size(1), k = weight.size(0), kg = k / g.groups;
-  const at::IntArrayRef kernel = weight.sizes().slice(2), in = x.sizes().slice(2);
-  const std::vector<int64_t> padded = g.padded_size(in), out = g.output_size(in, kernel);
-  const std::vector<int64_t> zshape = shape_of({n, k}, out);
-  if (n == 0) return at::empty(zshape, x.options());
+// One op call's layer and accumulators; add() takes the batch in chunks of sorted rows.
+struct Layer {
+  const at::Tensor& x;  // (N, C, *sp) for a conv with geometry g, or (N, D) for Linear (g.nd() == 0)
+  const ConvGeometry& g;
+  at::Tensor& mat;
+  at::Tensor& vec;
+  at::Tensor w, shift, off, z;  // weight (K, D) or (K, C/groups, *kernel) and shift in the work dtype; output
+  at::ScalarType wt;
+  const DeviceKernels& dev;
+  std::vector<int64_t> kernel, padded, out;
+  int64_t c, k, kg, dk, dg, p;
 
-  const auto& dev = kernels_for(x);
-  const auto wt = work_dtype(x.scalar_type());
-  const int64_t num_slots = mat.size(0), dk = g.groups * (3 * kg + 1), p = numel_of(out);
-  const SlotOrder so = slot_order(slots, num_slots);
-  const int64_t m = so.seg[num_slots];
-
-  at::Tensor xs = scratch("xs", x, wt, shape_of({n, c}, padded));
-  dev.gather_shift(as_5d(x), shift.to(wt).contiguous(), so.order, g.pad_3d(), xs);
-  at::Tensor w = weight.to(wt);
-  at::Tensor y;
-  if (linear) {
-    y = scratch("y", x, wt, {n, k});
-    at::mm_out(y, xs, w.t());
-  } else {
-    y = at::convolution(xs, w, c10::nullopt, g.stride, g.zeros, g.dilation, false, g.zeros, g.groups).contiguous();
+  Layer(const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& shift_, const at::Tensor& out_offset,
+        at::Tensor& mat_, at::Tensor& vec_, const ConvGeometry& g_)
+      : x(x_), g(g_), mat(mat_), vec(vec_), wt(work_dtype(x_.scalar_type())), dev(kernels_for(x_)) {
+    kernel = weight.sizes().slice(2).vec();
+    padded = g.padded_size(x.sizes().slice(2));
+    out = g.output_size(x.sizes().slice(2), kernel);
+    c = x.size(1), k = weight.size(0), kg = k / g.groups, dk = g.groups * (3 * kg + 1);
+    dg = weight.numel() / k, p = numel_of(out);
+    w = weight.to(wt), shift = shift_.to(wt).contiguous(), off = out_offset.to(at::kDouble).contiguous();
+    z = at::empty(shape_of({x.size(0), k}, out), x.options());
   }
-  at::Tensor z = at::empty(zshape, x.options());
-  at::Tensor design = scratch("design", x, wt, shape_of({m, dk}, out));
-  dev.design(y.view({n, k, p}), out_offset.to(at::kDouble).contiguous(), so, g.groups, z.view({n, k, p}),
-             design.view({m, dk, p}), vec);
 
-  int64_t segments = 0;
-  for (int64_t s = 0; s < num_slots; ++s) segments += so.seg[s + 1] > so.seg[s];
-  const int64_t dg = weight.numel() / k;
-  if (!linear && segments > 1 && m * dk * dg * static_cast<int64_t>(c10::elementSize(wt)) <= kPerRowBytes) {
-    // Many small slot segments: ONE grouped weight-grad call with the rows folded into the
-    // groups gives every row's own product; each slot then sums its rows in float64.
-    at::Tensor wshape = scratch("wshape", x, wt, shape_of({m * dk, weight.size(1)}, kernel));
+  // Rows of one chunk need their padded input, output and design rows: at most the scratch limit together.
+  int64_t rows_per_chunk() const {
+    const int64_t row_bytes = static_cast<int64_t>(c10::elementSize(wt)) * (c * numel_of(padded) + (k + dk) * p);
+    return std::max<int64_t>(1, scratch_limit() / std::max<int64_t>(1, row_bytes));
+  }
+
+  // Accumulate the rows of `so` (a window of the batch's sorted rows) and write their outputs into z.
+  void add(const SlotOrder& so) {
+    const bool linear = g.nd() == 0;
+    const int64_t n = so.order.size(0), num_slots = mat.size(0), m = so.seg[num_slots];
+    at::Tensor xs = scratch("xs", x, wt, shape_of({n, c}, padded));
+    dev.gather_shift(as_5d(x), shift, so.order, g.pad_3d(), xs);
+    at::Tensor y;
+    if (linear) {
+      y = scratch("y", x, wt, {n, k});
+      at::mm_out(y, xs, w.t());
+    } else {
+      y = at::convolution(xs, w, c10::nullopt, g.stride, g.zeros, g.dilation, false, g.zeros, g.groups).contiguous();
+    }
+    at::Tensor design = scratch("design", x, wt, shape_of({m, dk}, out));
+    dev.design(y.view({n, k, p}), off, so, g.groups, z.view({z.size(0), k, p}), design.view({m, dk, p}), vec);
+    int64_t segments = 0;
+    for (int64_t s = 0; s < num_slots; ++s) segments += so.seg[s + 1] > so.seg[s];
+    if (!linear && segments > 1 && m * dk * dg * static_cast<int64_t>(c10::elementSize(wt)) <= kPerRowBytes) {
+      per_row_products(so, xs, design);
+      return;
+    }
+    for (int64_t s = 0; s < num_slots; ++s) {
+      const int64_t m0 = so.seg[s], rows = so.seg[s + 1] - m0;
+      if (rows == 0) continue;
+      at::Tensor ds = design.narrow(0, m0, rows), xss = xs.narrow(0, m0, rows);
+      if (linear) {
+        linear_product(mat.select(0, s).view({dk, c}), ds, xss);
+      } else {
+        at::Tensor wshape = scratch("wshape", x, wt, shape_of({dk, w.size(1)}, kernel));
+        dev.add_to_f64(mat.select(0, s),
+                       std::get<1>(at::convolution_backward(ds, xss, wshape, c10::nullopt, g.stride, g.zeros,
+                                                            g.dilation, false, g.zeros, g.groups,
+                                                            {false, true, false}))
+                           .contiguous());
+      }
+    }
+  }
+
+  // Many small slot segments: ONE grouped weight-grad call with the rows folded into the
+  // groups gives every row's own product; each slot then sums its rows in float64.
+  void per_row_products(const SlotOrder& so, const at::Tensor& xs, const at::Tensor& design) {
+    const int64_t m = so.seg[mat.size(0)];
+    at::Tensor wshape = scratch("wshape", x, wt, shape_of({m * dk, w.size(1)}, kernel));
     at::Tensor per_row = std::get<1>(at::convolution_backward(
         design.view(shape_of({1, m * dk}, out)), xs.narrow(0, 0, m).view(shape_of({1, m * c}, padded)), wshape,
         c10::nullopt, g.stride, g.zeros, g.dilation, false, g.zeros, g.groups * m, {false, true, false}));
     per_row = per_row.contiguous().view({m, dk * dg});
-    for (int64_t s = 0; s < num_slots; ++s) {
-      if (so.seg[s + 1] > so.seg[s]) dev.add_to_f64(mat.select(0, s), per_row.narrow(0, so.seg[s], so.seg[s + 1] - so.seg[s]));
+    for (int64_t s = 0; s < mat.size(0); ++s) {
+      if (so.seg[s + 1] > so.seg[s]) {
+        dev.add_to_f64(mat.select(0, s), per_row.narrow(0, so.seg[s], so.seg[s + 1] - so.seg[s]));
+      }
     }
-    return z;
   }
-  for (int64_t s = 0; s < num_slots; ++s) {
-    const int64_t m0 = so.seg[s], rows = so.seg[s + 1] - m0;
-    if (rows == 0) continue;
-    at::Tensor ds = design.narrow(0, m0, rows), xss = xs.narrow(0, m0, rows), prod;
-    if (linear && rows <= kDirectRows) {  // few rows: a float64 rank-`rows` update in place, no temporary
-      mat.select(0, s).view({dk, c}).addmm_(ds.t().to(at::kDouble), xss.to(at::kDouble));
-      continue;
+
+  // dst (dk, D) float64 += ds^T xs for one Linear slot segment.
+  void linear_product(const at::Tensor& dst, const at::Tensor& ds, const at::Tensor& xs) {
+    if (ds.size(0) <= kDirectRows) {  // few rows: a float64 rank-`rows` update in place, no temporary
+      dst.addmm_(ds.t().to(at::kDouble), xs.to(at::kDouble));
+      return;
     }
-    if (linear) {
-      prod = scratch("prod", x, wt, {dk, c});
-      at::mm_out(prod, ds.t(), xss);
-    } else {
-      at::Tensor wshape = scratch("wshape", x, wt, shape_of({dk, weight.size(1)}, kernel));
-      prod = std::get<1>(at::convolution_backward(ds, xss, wshape, c10::nullopt, g.stride, g.zeros, g.dilation,
-                                                  false, g.zeros, g.groups, {false, true, false}))
-                 .contiguous();
+    // The float32 product in blocks of accumulator rows, so its scratch stays below the scratch limit.
+    const int64_t block = std::max<int64_t>(1, scratch_limit() / (c * static_cast<int64_t>(c10::elementSize(wt))));
+    for (int64_t j0 = 0; j0 < dk; j0 += block) {
+      const int64_t len = std::min(block, dk - j0);
+      at::Tensor prod = scratch("prod", x, wt, {len, c});
+      at::mm_out(prod, ds.narrow(1, j0, len).t(), xs);
+      dev.add_to_f64(dst.narrow(0, j0, len), prod);
     }
-    dev.add_to_f64(mat.select(0, s), prod);
   }
-  return z;
+};
+
+at::Tensor accumulate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shift,
+                      const at::Tensor& out_offset, const at::Tensor& slots, at::Tensor& mat, at::Tensor& vec,
+                      const ConvGeometry& g) {
+  Layer layer(x, weight, shift, out_offset, mat, vec, g);
+  const int64_t n = x.size(0);
+  if (n == 0) return layer.z;
+  const SlotOrder so = slot_order(slots, mat.size(0));
+  const int64_t chunk = layer.rows_per_chunk();
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) layer.add(so.rows(r0, std::min(chunk, n - r0)));
+  return layer.z;
 }
 
 }  // namespace

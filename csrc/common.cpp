@@ -1,41 +1,66 @@
-// Helpers shared by the device-generic drivers: slot grouping, scratch buffers, kernel registry.
+// Helpers of the device-generic driver: slot grouping, scratch buffers, kernel registry, build info.
 #include "untangle.h"
 
-#include <ATen/ops/argsort.h>
-#include <ATen/ops/bincount.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/sort.h>
 #include <c10/util/Exception.h>
+#include <torch/version.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
+#include <optional>
 #include <string>
 #include <tuple>
 
 namespace untangle {
 
-SlotOrder slot_order(const at::Tensor& slots, int64_t num_slots) {
-  const int64_t n = slots.numel();
+namespace {
+
+SlotOrder sort_slots(const at::Tensor& slots, int64_t num_slots) {
   SlotOrder so;
-  so.seg.assign(num_slots + 1, 0);
-  if (slots.is_cpu()) {  // counting sort: two passes over n integers
-    at::Tensor s = slots.contiguous();
-    const int64_t* sp = s.data_ptr<int64_t>();
-    std::vector<int64_t> start(num_slots + 2, 0);
-    auto key = [&](int64_t i) { return (sp[i] >= 0 && sp[i] < num_slots) ? sp[i] : num_slots; };
-    for (int64_t i = 0; i < n; ++i) ++start[key(i) + 1];
-    for (int64_t k = 0; k <= num_slots; ++k) start[k + 1] += start[k];
-    for (int64_t k = 0; k <= num_slots; ++k) so.seg[k] = start[k];
-    so.order = at::empty({n}, slots.options());
-    int64_t* op = so.order.data_ptr<int64_t>();
-    for (int64_t i = 0; i < n; ++i) op[start[key(i)]++] = i;
-    return so;
-  }
-  at::Tensor key = slots.masked_fill(slots.lt(0).logical_or(slots.ge(num_slots)), num_slots);
-  so.order = at::argsort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  at::Tensor counts = at::bincount(key, {}, num_slots + 1).cpu();  // the one host sync
-  const int64_t* cp = counts.data_ptr<int64_t>();
-  for (int64_t k = 0; k < num_slots; ++k) so.seg[k + 1] = so.seg[k] + cp[k];
+  const at::Tensor key = slots.masked_fill(slots.lt(0).logical_or(slots.ge(num_slots)), num_slots);
+  at::Tensor sorted;
+  std::tie(sorted, so.order) = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  // seg[s] = the number of keys below s: a search, no atomics and no host-side bincount.
+  so.seg_dev = at::searchsorted(sorted, at::arange(num_slots + 1, key.options()));
+  const at::Tensor host = so.seg_dev.to(at::kCPU);  // CUDA: the one host sync (cached per slots tensor)
+  so.seg.assign(host.const_data_ptr<int64_t>(), host.const_data_ptr<int64_t>() + num_slots + 1);
   return so;
+}
+
+}  // namespace
+
+SlotOrder slot_order(const at::Tensor& slots, int64_t num_slots) {
+  using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Cached {
+    std::optional<WeakImpl> slots;  // weak: the cache keeps no batch alive
+    uint32_t version = 0;
+    int64_t num_slots = -1;
+    SlotOrder so;
+  };
+  if (slots.is_inference()) return sort_slots(slots, num_slots);  // no version counter to key a cache on
+  thread_local Cached cached;
+  const bool hit = cached.slots && cached.num_slots == num_slots && cached.version == slots._version() &&
+                   cached.slots->lock().get() == slots.unsafeGetTensorImpl();
+  if (!hit) {
+    cached.so = sort_slots(slots, num_slots);
+    cached.slots.emplace(slots.getIntrusivePtr());
+    cached.version = slots._version();
+    cached.num_slots = num_slots;
+  }
+  return cached.so;
+}
+
+SlotOrder SlotOrder::rows(int64_t r0, int64_t len) const {
+  SlotOrder out;
+  out.order = order.narrow(0, r0, len);
+  out.seg.resize(seg.size());
+  for (size_t s = 0; s < seg.size(); ++s) out.seg[s] = std::clamp<int64_t>(seg[s] - r0, 0, len);
+  if (seg_dev.defined()) out.seg_dev = (r0 == 0 && len >= seg.back()) ? seg_dev : seg_dev.sub(r0).clamp(0, len);
+  return out;
 }
 
 namespace {
@@ -47,6 +72,17 @@ std::map<c10::DeviceType, DeviceKernels>& registry() {
 
 void register_kernels(c10::DeviceType device, DeviceKernels kernels) { registry()[device] = kernels; }
 
+namespace {
+std::string& cuda_build() {
+  static std::string info = "cuda=;archs=;ptx=0";  // replaced by cuda/kernels.cu when it is built
+  return info;
+}
+}  // namespace
+
+void register_cuda_build(std::string info) { cuda_build() = std::move(info); }
+
+std::string build_info() { return std::string("torch=") + TORCH_VERSION + ";" + cuda_build(); }
+
 const DeviceKernels& kernels_for(const at::Tensor& t) {
   auto it = registry().find(t.device().type());
   TORCH_CHECK(it != registry().end(), "untangle_ext: no native kernels for device ", t.device(),
@@ -55,15 +91,23 @@ const DeviceKernels& kernels_for(const at::Tensor& t) {
 }
 
 at::Tensor scratch(const char* role, const at::Tensor& like, at::ScalarType dtype, at::IntArrayRef shape) {
-  using Key = std::tuple<std::string, c10::DeviceType, c10::DeviceIndex, at::ScalarType>;
+  if (!like.is_cpu()) return at::empty(shape, like.options().dtype(dtype));
+  using Key = std::tuple<std::string, at::ScalarType>;
   thread_local std::map<Key, at::Tensor> cache;
   const int64_t numel = numel_of(shape);
-  at::Tensor& buf = cache[Key(role, like.device().type(), like.device().index(), dtype)];
+  at::Tensor& buf = cache[Key(role, dtype)];
   if (!buf.defined() || buf.numel() < numel) {
     buf = at::Tensor();  // release the old block before allocating the larger one
     buf = at::empty({numel}, like.options().dtype(dtype));
   }
   return buf.narrow(0, 0, numel).view(shape);
+}
+
+int64_t scratch_limit() {
+  const char* env = std::getenv("UNTANGLE_EXT_SCRATCH_MB");
+  const int64_t mb = env && *env ? std::atoll(env) : 512;
+  TORCH_CHECK(mb > 0, "untangle_ext: UNTANGLE_EXT_SCRATCH_MB must be a positive number of MiB, got '", env, "'");
+  return mb << 20;
 }
 
 ConvGeometry::ConvGeometry(const char* op, at::IntArrayRef stride_, at::IntArrayRef padding_,

@@ -111,7 +111,8 @@ class Linear(AffineLayer):
     def _rows(x: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, ..., D) → (N·T, D) rows and their slots (each image's slot repeated over its positions)."""
         per_image = x[0].numel() // x.shape[-1] if x.shape[0] else 1
-        return x.reshape(-1, x.shape[-1]), slots.repeat_interleave(per_image)
+        # The batch's own slots tensor when 2-d: the native op caches its slot order per tensor.
+        return x.reshape(-1, x.shape[-1]), slots if per_image == 1 else slots.repeat_interleave(per_image)
 
     def accumulate(self, x, shift, out_offset, slots, mat, vec):
         rows, row_slots = self._rows(x, slots)

@@ -1,25 +1,31 @@
 """The engine's hot operations; the only module that knows which backend runs them.
 
 Everything above this layer calls ``ops.*`` and never branches on the backend.
+Moment accumulation has native kernels; the pattern backward is ATen everywhere.
 The native backend is the ``untangle_ext._C`` library built by setup.py; when it is
 missing, it is JIT-built once with ``torch.utils.cpp_extension.load`` (cached under
 ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/untangle_ext``); when that fails too,
 the pure-PyTorch engine (:mod:`untangle_ext._reference`) runs, with one warning.
 ``UNTANGLE_EXT_BACKEND=torch|native`` forces a backend; ``backend()`` says which runs and why.
+
+CUDA tensors never fall back silently: unless the PyTorch backend is forced, they need a loaded
+build with CUDA kernels that fits the running torch, CUDA and GPU (checked once per device by
+:mod:`untangle_ext._native_build`), else the op raises with the cause and the rebuild command.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from . import _reference
+from . import _native_build, _reference
 
 _ENV = "UNTANGLE_EXT_BACKEND"
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -55,27 +61,56 @@ def _jit_build() -> str:
     with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
     if with_cuda:
         sources += sorted(str(p) for p in _CSRC.glob("cuda/*.cu"))
-    path = cpp_extension.load(
-        name="untangle_ext_jit", sources=sources, extra_cflags=["-O3", "-g0", "-fopenmp"],
-        extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"], with_cuda=with_cuda,
-        is_python_module=False, verbose=False,
-    )
+    with _cuda_arch_list() as archs:
+        path = cpp_extension.load(
+            name="untangle_ext_jit", sources=sources, extra_cflags=["-O3", "-g0", "-fopenmp"],
+            extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3", f"-DUNTANGLE_EXT_PTX_ARCH={archs}"],
+            with_cuda=with_cuda, is_python_module=False, verbose=False,
+        )
     if isinstance(path, str):  # older torch returns the path instead of loading it
         torch.ops.load_library(path)
     return f"JIT-built with cpp_extension.load (cache: {os.environ['TORCH_EXTENSIONS_DIR']})"
 
 
+@contextmanager
+def _cuda_arch_list() -> Iterator[int]:
+    """TORCH_CUDA_ARCH_LIST for a JIT build (the given one, else the visible GPUs'), with PTX for
+    its newest entry; yields that entry as 10·major + minor (0 without a GPU)."""
+    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    if not old and not caps:
+        yield 0
+        return
+    spec = _native_build.with_ptx(old or ";".join(f"{a}.{b}" for a, b in caps))
+    os.environ["TORCH_CUDA_ARCH_LIST"] = spec
+    try:
+        yield _native_build.ptx_arch(spec)
+    finally:
+        if old is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = old
+
+
 #: The ops every native build must provide (schemas in csrc/ops.cpp).
-#: layer_patterns (csrc/patterns.cpp) has a CPU kernel only: CUDA tensors take its PyTorch code (see _route).
-OPS = ("accumulate_linear", "accumulate_conv", "pattern_backward_linear", "pattern_backward_conv", "layer_patterns")
+#: layer_patterns (csrc/patterns.cpp) has a CPU kernel only: on CUDA tensors its PyTorch code is the implementation.
+OPS = ("accumulate_linear", "accumulate_conv", "layer_patterns")
 
 
 def _check_ops() -> None:
-    """Raise when the loaded library lacks an op (built from older sources)."""
-    missing = [name for name in OPS if not hasattr(torch.ops.untangle_ext, name)]
+    """Raise when the loaded library lacks an op (built from older sources) or was built for another torch."""
+    missing = [name for name in (*OPS, "build_info") if not hasattr(torch.ops.untangle_ext, name)]
     if missing:
-        raise RuntimeError(f"the loaded library lacks the ops {missing}: it was built from older sources; rebuild it "
-                           "with `pip install --no-build-isolation -e .`")
+        raise RuntimeError(f"the loaded library lacks the ops {missing}: it was built from older sources; "
+                           f"{_native_build.rebuild_hint()}")
+    found = _native_build.problems(_build_info(), torch.__version__, torch.version.cuda)
+    if found:
+        raise RuntimeError(f"the loaded library does not fit: {'; '.join(found)}; {_native_build.rebuild_hint()}")
+
+
+def _build_info() -> dict[str, str]:
+    """What the loaded library was built with and for (csrc/common.cpp ``build_info``)."""
+    return _native_build.parse_info(torch.ops.untangle_ext.build_info())
 
 
 def _load_native() -> str:
@@ -110,14 +145,6 @@ def _register_fakes() -> None:
                 for i in range(len(stride))]
         return x.new_empty((x.shape[0], weight.shape[0], *size))
 
-    @torch.library.register_fake("untangle_ext::pattern_backward_linear")
-    def _(grad_out, patterns, slots):
-        return grad_out.new_empty((grad_out.shape[0], patterns.shape[2]))
-
-    @torch.library.register_fake("untangle_ext::pattern_backward_conv")
-    def _(grad_out, patterns, slots, input_size, stride, padding, dilation, groups):
-        return grad_out.new_empty((grad_out.shape[0], patterns.shape[2] * groups, *input_size))
-
     @torch.library.register_fake("untangle_ext::layer_patterns")
     def _(sums, vec, weight, shift, positive_mean_y, dtype):
         a = weight.new_empty(weight.shape, dtype=dtype)
@@ -130,10 +157,16 @@ def _native_devices() -> frozenset:
     return frozenset(d.lower() for d in ("CPU", "CUDA") if has("untangle_ext::accumulate_linear", d))
 
 
-def _select() -> tuple[BackendInfo, frozenset]:
+def _forced() -> str:
+    """The backend forced by the environment ('' when none is)."""
     forced = os.environ.get(_ENV, "").strip().lower()
     if forced not in ("", "torch", "native"):
         raise ValueError(f"{_ENV}={forced!r} is not understood; use 'torch' or 'native' (or unset it)")
+    return forced
+
+
+def _select() -> tuple[BackendInfo, frozenset]:
+    forced = _forced()
     if forced == "torch":
         return BackendInfo("torch", f"forced by {_ENV}=torch"), frozenset()
     try:
@@ -160,21 +193,49 @@ def backend() -> BackendInfo:
     return _BACKEND
 
 
+_CUDA_READY: set[int] = set()
+
+
+def _check_cuda(device: torch.device) -> None:
+    """Raise unless the native CUDA kernels can run on ``device`` (checked once per device):
+    CUDA tensors never fall back silently to the PyTorch ops."""
+    if device.index in _CUDA_READY:
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if _BACKEND.name != "native":
+        found = [f"the native extension is not loaded ({_BACKEND.reason})"]
+    else:
+        found = _native_build.problems(_build_info(), torch.__version__, torch.version.cuda, capability)
+    if found:
+        raise RuntimeError(
+            f"untangle_ext: the native CUDA kernels cannot run on {device}: {'; '.join(found)}. "
+            f"Fix: {_native_build.rebuild_hint(capability)}, or set {_ENV}=torch to run the slower PyTorch ops "
+            "on the GPU instead")
+    _CUDA_READY.add(device.index)
+
+
 def _route(name: str) -> Callable:
-    """The native op for tensors on a device it has kernels for (this op's own), else the PyTorch one."""
+    """The native op for tensors on a device it has kernels for (this op's own), else the PyTorch one;
+    CUDA tensors need a build that fits the GPU unless the PyTorch backend is forced (see _check_cuda)."""
     reference = getattr(_reference, name)
+    if _forced() == "torch":
+        return reference
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     devices = frozenset(d for d in _NATIVE_DEVICES if has(f"untangle_ext::{name}", d.upper()))
-    if not devices:
-        return reference
-    native = getattr(torch.ops.untangle_ext, name)
+    native = getattr(torch.ops.untangle_ext, name) if devices else reference
 
     def op(first: torch.Tensor, *args):
-        return native(first, *args) if first.device.type in devices else reference(first, *args)
+        device = first.device
+        if device.type == "cuda":
+            _check_cuda(device)
+        return native(first, *args) if device.type in devices else reference(first, *args)
 
     op.__name__ = op.__qualname__ = name
     op.__doc__ = reference.__doc__
     return op
 
 
-accumulate_linear, accumulate_conv, pattern_backward_linear, pattern_backward_conv, layer_patterns = map(_route, OPS)
+accumulate_linear, accumulate_conv, layer_patterns = map(_route, OPS)
+# The batched pattern backward is ATen on every device (a native version did not pay: measured no
+# faster on VGG-style attribution), so it needs no routing.
+pattern_backward_linear, pattern_backward_conv = _reference.pattern_backward_linear, _reference.pattern_backward_conv

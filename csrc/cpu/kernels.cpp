@@ -1,4 +1,4 @@
-// CPU fused loops of the accumulation ops, and the CPU registration of all four ops.
+// CPU fused loops of the accumulation ops, and the CPU registration of the ops.
 #include "../untangle.h"
 
 #include <ATen/Dispatch.h>
@@ -8,10 +8,10 @@
 namespace untangle {
 namespace {
 
-// x is (N, C, D, H, W) with any strides; one task per (row, channel) plane of out.
+// x is (N, C, D, H, W) with any strides; out gets the n rows order[0..n); one task per (row, channel) plane.
 template <typename in_t, typename w_t>
-void gather_shift_loop(const at::Tensor& x, const w_t* shift, const int64_t* order, Dims3 pad, w_t* out) {
-  const int64_t n = x.size(0), c = x.size(1), d = x.size(2), h = x.size(3), w = x.size(4);
+void gather_shift_loop(const at::Tensor& x, const w_t* shift, const int64_t* order, int64_t n, Dims3 pad, w_t* out) {
+  const int64_t c = x.size(1), d = x.size(2), h = x.size(3), w = x.size(4);
   const int64_t sn = x.stride(0), sc = x.stride(1), sd = x.stride(2), sh = x.stride(3), sw = x.stride(4);
   const int64_t dp = d + 2 * pad[0], hp = h + 2 * pad[1], wp = w + 2 * pad[2], plane = dp * hp * wp;
   const in_t* xp = x.const_data_ptr<in_t>();
@@ -41,8 +41,8 @@ void gather_shift_cpu(const at::Tensor& x, const at::Tensor& shift, const at::Te
                       const at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "untangle_gather_shift", [&] {
     using w_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    gather_shift_loop<scalar_t, w_t>(x, shift.const_data_ptr<w_t>(), order.const_data_ptr<int64_t>(), pad,
-                                     out.data_ptr<w_t>());
+    gather_shift_loop<scalar_t, w_t>(x, shift.const_data_ptr<w_t>(), order.const_data_ptr<int64_t>(),
+                                     order.numel(), pad, out.data_ptr<w_t>());
   });
 }
 
@@ -135,8 +135,6 @@ const bool registered = (register_kernels(c10::DeviceType::CPU, {gather_shift_cp
 TORCH_LIBRARY_IMPL(untangle_ext, CPU, m) {
   m.impl("accumulate_linear", &accumulate_linear);
   m.impl("accumulate_conv", &accumulate_conv);
-  m.impl("pattern_backward_linear", &pattern_backward_linear);
-  m.impl("pattern_backward_conv", &pattern_backward_conv);
 }
 
 }  // namespace untangle
