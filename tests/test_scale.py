@@ -15,7 +15,7 @@ from untangle_ext import Attributor, SignalEstimator
 from untangle_ext.attribution import StoreSet
 from untangle_ext.estimator import MultiPassWarning
 from untangle_ext.moments import accumulator_bytes
-from untangle_ext.patterns import BLOCK_ELEMENTS
+from untangle_ext._reference import BLOCK_ELEMENTS
 from untangle_ext.store import class_store_path
 
 CLASSES = 12
