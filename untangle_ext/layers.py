@@ -186,13 +186,28 @@ class Conv(AffineLayer):
                                          list(self.padding), list(self.dilation), self.groups)
 
     def patches(self, x):
+        view = self._patch_view(x)
+        return view.reshape(view.shape[0], math.prod(view.shape[1:1 + self.rank]), -1)
+
+    def positions(self, x: torch.Tensor) -> int:
+        """Output positions per image of ``x`` (samples per image)."""
+        return math.prod((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+                         zip(x.shape[2:], self.weight.shape[2:], self.stride, self.padding, self.dilation))
+
+    def patches_at(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The patches at flat output positions ``index`` (B, k) of each image, as rows (B·k, D); only those are copied."""
+        view = self._patch_view(x)
+        images = torch.arange(x.shape[0], device=x.device).repeat_interleave(index.shape[1])
+        coords = torch.unravel_index(index.reshape(-1), view.shape[1:1 + self.rank])
+        return view[(images, *coords)].reshape(images.numel(), -1)
+
+    def _patch_view(self, x: torch.Tensor) -> torch.Tensor:
+        """A strided view (B, *out, C, *kernel) of the zero-padded ``x``: every patch, nothing copied but the padding."""
         pad = [p for p in reversed(self.padding) for _ in range(2)]
         x = F.pad(x, pad) if any(pad) else x
         for i, (k, s, d) in enumerate(zip(self.weight.shape[2:], self.stride, self.dilation)):
             x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]  # (B, C, *out, *kernel) after the loop
-        positions = math.prod(x.shape[2:2 + self.rank])
-        x = x.permute(0, *range(2, 2 + self.rank), 1, *range(2 + self.rank, x.dim()))
-        return x.reshape(x.shape[0], positions, -1)
+        return x.permute(0, *range(2, 2 + self.rank), 1, *range(2 + self.rank, x.dim()))
 
 
 class Conv1d(Conv):
