@@ -177,3 +177,17 @@ def test_store_records_the_rate_and_survives_a_round_trip(tmp_path):
     loaded = SignalStore.load(tmp_path / "s.pkl")
     assert loaded.estimator["position_rate"] == 0.5 and loaded.estimator["position_seed"] == 3
     assert float(loaded.patterns["0"]["n"]) == 3 * 18  # ceil(0.5 * 36) of 36 positions, 3 images
+
+
+def test_cli_estimate_with_position_rate(tmp_path):
+    from untangle_ext import cli
+
+    prefix = str(tmp_path / "s")
+    common = ["estimate", "--model", "untangle_ext.models:LeNet", "--random-weights", "--store-prefix", prefix,
+              "--classes", "3", "--limit", "5"]
+    with pytest.raises(SystemExit, match=r"--position-rate=1.5 is not a fraction in \(0, 1\]"):
+        cli.main([*common, "--position-rate", "1.5"])
+    assert cli.main([*common, "--position-rate", "0.25", "--position-seed", "4"]) == 0
+    store = SignalStore.load(f"{prefix}_class_3.pkl")
+    assert store.estimator["position_rate"] == 0.25 and store.estimator["position_seed"] == 4
+    assert store.num_samples == 5
