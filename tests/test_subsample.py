@@ -191,3 +191,20 @@ def test_cli_estimate_with_position_rate(tmp_path):
     store = SignalStore.load(f"{prefix}_class_3.pkl")
     assert store.estimator["position_rate"] == 0.25 and store.estimator["position_seed"] == 4
     assert store.num_samples == 5
+
+
+def test_signal_quality_scores_only_the_named_layers_with_the_same_numbers():
+    from untangle_ext.quality.rho import signal_quality
+    from untangle_ext.store import ALL_CLASSES
+
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x = torch.rand(240, 1, 8, 8)
+    store = SignalEstimator(model, per_class=False, progress=False, position_rate=0.5).fit(
+        [(x[:80], torch.zeros(80, dtype=torch.long))])[ALL_CLASSES]
+    every = signal_quality(model, store, x[80:160], x[160:], max_neurons=3, positions=3, progress=False)
+    first = signal_quality(model, store, x[80:160], x[160:], max_neurons=3, positions=3, progress=False,
+                           layers=["0"], chunk=1)
+    assert set(first) == {"0"} and first["0"]["S_a±"]["rho"] == pytest.approx(every["0"]["S_a±"]["rho"], abs=1e-9)
+    with pytest.raises(ValueError, match=r"layers \['9'\] are not affine layers"):
+        signal_quality(model, store, x[80:160], x[160:], layers=["9"], progress=False)
