@@ -208,3 +208,11 @@ def test_signal_quality_scores_only_the_named_layers_with_the_same_numbers():
     assert set(first) == {"0"} and first["0"]["S_a±"]["rho"] == pytest.approx(every["0"]["S_a±"]["rho"], abs=1e-9)
     with pytest.raises(ValueError, match=r"layers \['9'\] are not affine layers"):
         signal_quality(model, store, x[80:160], x[160:], layers=["9"], progress=False)
+
+
+def test_grouped_layer_with_only_skipped_images_adds_nothing():
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    m = Moments(Program(net), 2, PositionSampler(0.5))
+    m.update(torch.randn(3, 4, 6, 6), torch.full((3,), -1))
+    lm = m.layers["0"]
+    assert not lm.mat.any() and not lm.vec.any() and lm.shift is not None

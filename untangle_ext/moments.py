@@ -232,6 +232,8 @@ class LayerMoments:
         # grouped: each group is a Linear layer of its own; its sums go through small (present slots) accumulators
         valid = (row_slots >= 0) & (row_slots < self._mat.shape[0])
         present = torch.unique(row_slots[valid])
+        if present.numel() == 0:
+            return
         local = torch.where(valid, torch.searchsorted(present, row_slots), -1)
         for j in range(g):
             out = slice(j * kg, (j + 1) * kg)
