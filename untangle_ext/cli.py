@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from . import validation
 from ._version import __version__
+from .subsample import check_rate
 
 DESCRIPTION = """\
 PatternNet / PatternAttribution explanations for PyTorch image classifiers.
@@ -140,6 +141,7 @@ def _estimate(args: argparse.Namespace) -> int:
     from .compat import UntangleAI
 
     ua = UntangleAI()
+    check_rate(args.position_rate, "--position-rate")
     model = _model_from(args)
     compat_args = argparse.Namespace(mname="cli", batch_size=args.batch_size, img_size=tuple(args.img_size),
                                      data_class=args.classes or None)
@@ -153,7 +155,8 @@ def _estimate(args: argparse.Namespace) -> int:
             validation.data_folder(args.data_dir, "--data-dir", created=args.download)
         loader = lambda c: ua.load_mnist_per_class(args.batch_size, c, data_dir=args.data_dir, download=args.download,
                                                    limit=args.limit)[0]
-    written = ua.estimate_signals(model, args.store_prefix, loader, compat_args, overwrite=args.overwrite)
+    written = ua.estimate_signals(model, args.store_prefix, loader, compat_args, overwrite=args.overwrite,
+                                  position_rate=args.position_rate, position_seed=args.position_seed)
     print(f"{len(written)} signal store(s): {args.store_prefix}_class_{{c}}.pkl for classes {sorted(written)}")
     return 0
 
@@ -213,6 +216,10 @@ def _add_estimate(sub) -> None:
     p.add_argument("--synset-map", help="with --imagenet-dir: file whose line i starts with the synset of class i")
     p.add_argument("--resnet", action="store_true", help="ImageNet mean/std normalisation (torchvision ResNets)")
     p.add_argument("--overwrite", action="store_true", help="re-estimate classes whose store already exists")
+    p.add_argument("--position-rate", type=float, default=1.0,
+                   help="fraction in (0, 1] of each conv layer's output positions per image whose statistics are "
+                        "accumulated (random, seeded; 1 = all, the exact estimate)")
+    p.add_argument("--position-seed", type=int, default=0, help="seed of the --position-rate choice")
     p.set_defaults(func=_estimate)
 
 

@@ -199,12 +199,13 @@ class UntangleAI:
     # ------------------------------------------------------------------ estimation
 
     def estimate_signals(self, model: nn.Module, signal_store_path: str, train_loader_fun: Callable[[Any], Iterable],
-                         args: Any, overwrite: bool = False) -> dict[int, Path]:
+                         args: Any, overwrite: bool = False, **options: Any) -> dict[int, Path]:
         """Estimate per-class signals and write ``f"{signal_store_path}_class_{c}.pkl"`` for args.data_class
         (or every class). ``train_loader_fun`` gets the class as the tutorial passes it (args.data_class as
-        written, else ``str(c)``). Classes whose file already matches this model are skipped (resume)."""
+        written, else ``str(c)``). Classes whose file already matches this model are skipped (resume).
+        ``options`` go to :class:`SignalEstimator` (e.g. ``position_rate``)."""
         a = resolve_args(args)
-        estimator = SignalEstimator(model, a.classes)
+        estimator = SignalEstimator(model, a.classes, **options)
         check_model(estimator.program, a)
         label = (dict(zip(a.classes, self._as_list(a.data_class))) if a.classes
                  else {c: str(c) for c in estimator.classes})

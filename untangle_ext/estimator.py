@@ -31,6 +31,7 @@ from .files import LOCKS_PER_PASS, write_class_stores
 from .moments import Moments, accumulator_bytes, slots_of
 from .conditioning import Limits
 from .patterns import MeanY, compute_patterns
+from .subsample import PositionSampler
 from .store import ALL_CLASSES, DEFAULT_FILE_DTYPE, DEFAULT_KEEP, SignalStore, layer_signature, model_fingerprint
 from .trace import Program
 from .validation import InputChecker, batches_of, check_labels, split_batch, warn_empty
@@ -84,7 +85,9 @@ class SignalEstimator:
     torch.distributed all-reduce while a process group is active). ``kappa_max`` /
     ``min_samples``: a neuron whose pattern has κ = ‖a‖·‖w‖ above ``kappa_max``, or whose regime
     saw fewer than ``min_samples`` samples, gets a zero pattern (see
-    :class:`untangle_ext.conditioning.Limits`). The model is never modified.
+    :class:`untangle_ext.conditioning.Limits`). ``position_rate`` < 1 accumulates each conv layer's
+    statistics from that fraction of its output positions per image, drawn by ``position_seed``
+    (see :mod:`untangle_ext.subsample`). The model is never modified.
     """
 
     def __init__(
@@ -104,6 +107,8 @@ class SignalEstimator:
         reducer: Optional[Reducer] = None,
         kappa_max: float = Limits.kappa_max,
         min_samples: int = Limits.min_samples,
+        position_rate: float = 1.0,
+        position_seed: int = 0,
     ):
         self.model = model
         self.program = Program(model, dtype=compute_dtype, leaf_modules=leaf_modules)
@@ -119,6 +124,7 @@ class SignalEstimator:
         self.file_dtype = file_dtype
         self.keep = tuple(keep)
         self.reducer = reducer
+        self.positions = PositionSampler(position_rate, position_seed)
         self._fingerprint: Optional[str] = None
 
     @property
@@ -170,7 +176,7 @@ class SignalEstimator:
         warn_empty([c for slot, c in enumerate(chunk) if int(moments.images[slot]) == 0])
         signature = layer_signature(self.program)
         options = {"mean_y": self.mean_y, "per_class": self.per_class, "store_dtype": str(self.store_dtype)[6:],
-                   **self.limits.options()}
+                   **self.limits.options(), **self._position_options()}
         todo = [(slot, c) for slot, c in enumerate(chunk)
                 if int(moments.images[slot]) > 0 and (share is None or c in share)]
         names = list(moments.layers)
@@ -188,6 +194,11 @@ class SignalEstimator:
         if release:
             del moments.layers[name]
         return {k: (v.to(self.store_dtype) if k.startswith("a_") else v) for k, v in p.items()}
+
+    def _position_options(self) -> dict:
+        """Position subsampling as recorded in a store's options (nothing when every position is used)."""
+        p = self.positions
+        return {"position_rate": p.rate, "position_seed": p.seed} if p.rate < 1 else {}
 
     def iter_fit(self, loader: Batches, labels: Optional[Sequence[int]] = None,
                  classes: Optional[Sequence[int]] = None) -> Iterator[tuple[int, SignalStore]]:
@@ -218,7 +229,7 @@ class SignalEstimator:
                           f"reads it {len(chunks)} times (one pass per chunk of {len(chunks[0])} classes); pass "
                           "labels=... (or a data set with `targets`) for one pass", MultiPassWarning, stacklevel=3)
         for i, chunk in enumerate(chunks):
-            moments = Moments(self.program, len(chunk))
+            moments = Moments(self.program, len(chunk), self.positions)
             desc = "estimating signals" + (f" (pass {i + 1}/{len(chunks)})" if len(chunks) > 1 else "")
             seen = self._accumulate(moments, loader, lambda lab, x: self._slots_of(lab, chunk), desc)
             if i == 0 and seen == 0 and distributed.current() is None:
@@ -244,7 +255,7 @@ class SignalEstimator:
                                  f"data set's labels say class {c}; the labels must list each sample's class in "
                                  "the data set's index order")
             if moments is None:
-                moments = Moments(self.program, 1)
+                moments = Moments(self.program, 1, self.positions)
             moments.update(x, torch.zeros(x.shape[0], dtype=torch.long, device=self.device))
             if i + 1 == len(schedule) or schedule[i + 1] != c:  # the class's last batch: free it, then its stores
                 del x, got
@@ -262,7 +273,7 @@ class SignalEstimator:
         classes = self.classes if classes is None else list(classes)
         mine = distributed.class_share(classes)
         for c in tqdm(mine, desc="classes", disable=bars_off(self.progress and len(mine) > 1)):
-            moments = Moments(self.program, 1)
+            moments = Moments(self.program, 1, self.positions)
             batches = loader_fn(c)
             distributed.check_whole(batches, c)
             self._accumulate(moments, batches, lambda lab, x: x.new_zeros(x.shape[0], dtype=torch.long),

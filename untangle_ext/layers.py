@@ -187,13 +187,34 @@ class Conv(AffineLayer):
                                          list(self.padding), list(self.dilation), self.groups)
 
     def patches(self, x):
+        total = self.positions(x)
+        index = torch.arange(total, device=x.device).expand(x.shape[0], total)
+        return self.patches_at(x, index).view(x.shape[0], total, -1)
+
+    def positions(self, x: torch.Tensor) -> int:
+        """Output positions per image of ``x`` (samples per image)."""
+        return math.prod(self._output_size(x))
+
+    def _output_size(self, x: torch.Tensor) -> list[int]:
+        return [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+                zip(x.shape[2:], self.weight.shape[2:], self.stride, self.padding, self.dilation)]
+
+    def patches_at(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The patches at flat output positions ``index`` (B, k) of each image, as rows (B·k, D); only those are copied.
+
+        One gather from the zero-padded input: each row is its corner's offset plus the fixed
+        offsets of a patch's entries (C, *kernel), so the cost is that of the copied rows alone.
+        """
         pad = [p for p in reversed(self.padding) for _ in range(2)]
-        x = F.pad(x, pad) if any(pad) else x
-        for i, (k, s, d) in enumerate(zip(self.weight.shape[2:], self.stride, self.dilation)):
-            x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]  # (B, C, *out, *kernel) after the loop
-        positions = math.prod(x.shape[2:2 + self.rank])
-        x = x.permute(0, *range(2, 2 + self.rank), 1, *range(2 + self.rank, x.dim()))
-        return x.reshape(x.shape[0], positions, -1)
+        padded = (F.pad(x, pad) if any(pad) else x).contiguous()
+        st = padded.stride()
+        coords = torch.unravel_index(index.reshape(-1), self._output_size(x))
+        corner = torch.arange(x.shape[0], device=x.device).repeat_interleave(index.shape[1]) * st[0]
+        entry = torch.arange(x.shape[1], device=x.device) * st[1]
+        for i, (c, k, s, d) in enumerate(zip(coords, self.weight.shape[2:], self.stride, self.dilation)):
+            corner = corner + c * (s * st[2 + i])
+            entry = (entry.unsqueeze(-1) + torch.arange(k, device=x.device) * (d * st[2 + i])).reshape(-1)
+        return padded.reshape(-1)[corner.unsqueeze(1) + entry]
 
 
 class Conv1d(Conv):

@@ -19,7 +19,9 @@ from typing import Optional
 
 import torch
 
-from .layers import AffineLayer, Linear
+from . import ops
+from .layers import AffineLayer, Conv, Linear
+from .subsample import PositionSampler
 from .trace import Program
 
 #: Layout of ``vec`` (owned here; the kernels and the reference follow it): per-output sums, then the count.
@@ -64,6 +66,8 @@ class LayerMoments:
         self.out_offset: Optional[torch.Tensor] = None  # (K,) float64 = W shift + b
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pending_rows = 0
+        # conv layers only: (sampler, index of the layer in the program) when statistics are position-subsampled
+        self.sampling: Optional[tuple[PositionSampler, int]] = None
 
     @property
     def mat(self) -> torch.Tensor:
@@ -155,10 +159,16 @@ class LayerMoments:
         """The accumulators that add up across data shards once all are about one shift."""
         return self.mat, self.vec
 
-    def accumulate(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Add the batch ``x`` (images assigned to ``slots``; -1 = skip) and return the layer output."""
+    def accumulate(self, x: torch.Tensor, slots: torch.Tensor, keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Add the batch ``x`` (images assigned to ``slots``; -1 = skip) and return the layer output.
+
+        ``keys``: the images' sampling keys (:meth:`PositionSampler.image_keys`) when position subsampling is on.
+        """
         if self.shift is None:
             self.init_shift(x)
+        index = self._sampled_positions(x, keys)
+        if index is not None:
+            return self._accumulate_at(x, slots, index)
         if not isinstance(self.layer, Linear) or (not self._pending and x.shape[0] >= PENDING_ROWS):
             return self._accumulate(x, slots)
         self._pending.append((x.clone(), slots.clone()))  # clone: the caller's tensors may change later
@@ -177,16 +187,64 @@ class LayerMoments:
         self._pending, self._pending_rows = [], 0
         self._accumulate(torch.cat(xs), torch.cat(slots))
 
-    def _accumulate(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """One kernel call, with the products in :attr:`product_dtype`; the output in the input dtype."""
-        if self.product_dtype in (None, x.dtype):
-            return self.layer.accumulate(x, self.shift, self.out_offset, slots, self._mat, self._vec)
+    def _product_layer(self, dtype: torch.dtype) -> AffineLayer:
+        """The layer with its weight in :attr:`product_dtype` (the layer itself when that is ``dtype``)."""
+        if self.product_dtype in (None, dtype):
+            return self.layer
         if self._wide is None or self._wide.weight.dtype != self.product_dtype:
             self._wide = copy.copy(self.layer)
             self._wide.weight = self.layer.weight.to(self.product_dtype)
             self._wide.bias = self.layer.bias.to(self.product_dtype)
-        return self._wide.accumulate(x.to(self.product_dtype), self.shift, self.out_offset, slots, self._mat,
-                                     self._vec).to(x.dtype)
+        return self._wide
+
+    def _accumulate(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """One kernel call, with the products in :attr:`product_dtype`; the output in the input dtype."""
+        layer = self._product_layer(x.dtype)
+        if layer is self.layer:
+            return layer.accumulate(x, self.shift, self.out_offset, slots, self._mat, self._vec)
+        return layer.accumulate(x.to(layer.weight.dtype), self.shift, self.out_offset, slots, self._mat,
+                                self._vec).to(x.dtype)
+
+    # --- position subsampling (conv layers; see untangle_ext.subsample) ------------------------------------------
+    def _sampled_positions(self, x: torch.Tensor, keys: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The output positions (B, k) whose statistics this batch adds, or None for all of them."""
+        if keys is None or self.sampling is None:
+            return None
+        sampler, index = self.sampling
+        total = self.layer.positions(x)
+        return sampler.select(keys, index, total) if sampler.take(total) < total else None
+
+    def _accumulate_at(self, x: torch.Tensor, slots: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Add the patches at positions ``index`` (B, k) only; the output is the layer's plain forward."""
+        layer = self._product_layer(x.dtype)
+        rows = self.layer.patches_at(x, index).to(layer.weight.dtype)
+        self._accumulate_rows(layer, rows, slots.repeat_interleave(index.shape[1]))
+        return self.layer.forward(x)
+
+    def _accumulate_rows(self, layer: AffineLayer, rows: torch.Tensor, row_slots: torch.Tensor) -> None:
+        """Accumulate patch rows (M, D) as samples of ``layer`` (the Linear op, one call per group)."""
+        g, k, dg = self.groups, self.layer.out_features, self.layer.patch_size
+        kg = k // g
+        w, shift = layer.weight.reshape(k, -1), self.layer.patch_shift(self.shift)  # (K, Dg), (G, Dg)
+        if g == 1:
+            ops.accumulate_linear(rows, w, shift[0], self.out_offset, row_slots, self._mat, self._vec)
+            return
+        # grouped: each group is a Linear layer of its own; its sums go through small (present slots) accumulators
+        valid = (row_slots >= 0) & (row_slots < self._mat.shape[0])
+        present = torch.unique(row_slots[valid])
+        if present.numel() == 0:
+            return
+        local = torch.where(valid, torch.searchsorted(present, row_slots), -1)
+        for j in range(g):
+            out = slice(j * kg, (j + 1) * kg)
+            mat = self._mat.new_zeros(len(present), 1, 3 * kg + 1, dg)
+            vec = self._vec.new_zeros(len(present), 3 * kg + 1)
+            ops.accumulate_linear(rows[:, j * dg:(j + 1) * dg].contiguous(), w[out], shift[j], self.out_offset[out],
+                                  local, mat, vec)
+            self._mat[present, j] += mat[:, 0]
+            for i, name in enumerate(VEC_FIELDS):
+                self.field(name)[present, out] += vec[:, i * kg:(i + 1) * kg]
+        self._vec[present, -1] += vec[:, -1]  # one sample per position, whatever the groups
 
 
 def _new_layer_moments(layer: Affine, slots: int) -> LayerMoments:
@@ -215,13 +273,22 @@ def accumulator_bytes(program: Program, slots: int = 1) -> int:
 
 
 class Moments:
-    """Accumulators of every affine layer of a program, for ``num_slots`` class slots."""
+    """Accumulators of every affine layer of a program, for ``num_slots`` class slots.
 
-    def __init__(self, program: Program, num_slots: int):
+    ``sampler``: conv statistics from a random subset of output positions (see
+    :mod:`untangle_ext.subsample`); None or rate 1 accumulates every position.
+    """
+
+    def __init__(self, program: Program, num_slots: int, sampler: Optional[PositionSampler] = None):
         self.program = program
         self.num_slots = num_slots
         self.layers = {layer.name: _new_layer_moments(layer, num_slots) for layer in program.layers}
         self.images = torch.zeros(num_slots, dtype=torch.long)  # images seen per slot
+        self.sampler = sampler if sampler is not None and sampler.rate < 1 else None
+        if self.sampler is not None:
+            for i, lm in enumerate(self.layers.values()):
+                if isinstance(lm.layer, Conv):
+                    lm.sampling = (self.sampler, i)
 
     def shifts(self) -> Optional[list[torch.Tensor]]:
         """Every layer's shift (None before any batch)."""
@@ -243,4 +310,5 @@ class Moments:
         """Run one batch through the model, accumulating every layer; return the logits."""
         kept = slots[(slots >= 0) & (slots < self.num_slots)]
         self.images += torch.bincount(kept.cpu(), minlength=self.num_slots)
-        return self.program.forward(x, affine=lambda layer, inp: self.layers[layer.name].accumulate(inp, slots))
+        keys = self.sampler.image_keys(x) if self.sampler is not None else None
+        return self.program.forward(x, affine=lambda layer, inp: self.layers[layer.name].accumulate(inp, slots, keys))

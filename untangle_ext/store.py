@@ -64,6 +64,7 @@ _TOP_KEYS = frozenset({"format", "format_version", "library_version", "class_id"
                        "num_samples", "input_shape", "layers", "patterns"})
 _ESTIMATOR_KEYS = frozenset({"mean_y", "per_class", "store_dtype"})
 _LIMIT_KEYS = frozenset({"kappa_max", "min_samples"})  # absent in stores written before issue 11
+_POSITION_KEYS = frozenset({"position_rate", "position_seed"})  # only in stores of position-subsampled estimation
 _LAYER_KEYS = frozenset({"name", "kind", "weight_shape"})
 _REDO = "delete it and estimate the signals again"
 PathLike = Union[str, os.PathLike]
@@ -609,8 +610,9 @@ def _validate(data: Any, source: str) -> None:
     chk.int_(data["num_samples"], "num_samples", 1)
     if data["input_shape"] is not None:
         chk.shape(data["input_shape"], "input_shape", range(1, 9))
-    estimator = chk.keys(data["estimator"], "estimator", _ESTIMATOR_KEYS, _LIMIT_KEYS)
+    estimator = chk.keys(data["estimator"], "estimator", _ESTIMATOR_KEYS, _LIMIT_KEYS | _POSITION_KEYS)
     _validate_limits(chk, estimator)
+    _validate_positions(chk, estimator)
     if type(estimator["mean_y"]) is not str or estimator["mean_y"] not in ("all", "positive"):
         raise chk.fail("estimator.mean_y", f"must be 'all' or 'positive', not {_describe(estimator['mean_y'])}")
     if type(estimator["per_class"]) is not bool:
@@ -624,6 +626,17 @@ def _validate(data: Any, source: str) -> None:
         raise chk.fail("class_id", f"{class_id} does not fit a model with {num_classes} outputs and "
                                    f"per_class={estimator['per_class']}")
     _validate_patterns(chk, data["patterns"], layers)
+
+
+def _validate_positions(chk: _Checker, estimator: dict) -> None:
+    """Position subsampling (both or neither): a rate in (0, 1) and an int seed."""
+    if not estimator.keys() & _POSITION_KEYS:
+        return
+    rate, seed = estimator.get("position_rate"), estimator.get("position_seed")
+    if type(rate) is not float or not 0.0 < rate < 1.0:
+        raise chk.fail("estimator.position_rate", f"must be a float in (0, 1), not {_describe(rate)}")
+    if type(seed) is not int:
+        raise chk.fail("estimator.position_seed", f"must be an int, not {_describe(seed)}")
 
 
 def _validate_limits(chk: _Checker, estimator: dict) -> None:

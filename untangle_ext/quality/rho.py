@@ -173,14 +173,18 @@ def signal_quality(
     ridge: float = RIDGE,
     seed: int = 0,
     progress: bool = True,
+    layers: Optional[Iterable[str]] = None,
+    chunk: int = 16,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """ρ(S) per layer and estimator: ``{layer: {estimator: {rho, std, neurons, skipped}}}``.
 
     ``store`` holds the patterns (fitted on a third split; an all-class store is
     what the paper measures); v is fitted on ``fit_images`` and ρ is evaluated
     on ``eval_images``. At most ``max_neurons`` random neurons per layer and
-    ``positions`` random patches per image (conv) keep it fast. The model is
-    never modified (only its traced copy is run).
+    ``positions`` random patches per image (conv) keep it fast. ``layers``: names of
+    the layers to score (default: all; each neuron solves a D×D system, so wide
+    layers cost D² memory per neuron of a ``chunk``). The model is never modified
+    (only its traced copy is run).
     """
     estimators = list(estimators)
     for e in estimators:
@@ -192,15 +196,20 @@ def signal_quality(
     x_fit = layer_inputs(program, fit_images, positions, gen)
     x_eval = layer_inputs(program, eval_images, positions, gen)
     result: dict[str, dict[str, dict[str, float]]] = {}
-    bar = tqdm(total=len(program.layers) * len(estimators), desc="signal quality ρ(S)", disable=bars_off(progress))
-    for layer in program.layers:
+    names = [layer.name for layer in program.layers]
+    wanted = set(names if layers is None else layers)
+    if wanted - set(names):
+        raise ValueError(f"layers {sorted(wanted - set(names))} are not affine layers of the model; use some of {names}")
+    scored = [layer for layer in program.layers if layer.name in wanted]
+    bar = tqdm(total=len(scored) * len(estimators), desc="signal quality ρ(S)", disable=bars_off(progress))
+    for layer in scored:
         keep = torch.randperm(layer.out_features, generator=gen)[:max_neurons].sort().values
         w = layer.weight.detach().double().cpu().reshape(layer.out_features, -1)[keep]
         b = layer.bias.detach().double().cpu()[keep]
         result[layer.name] = {}
         for est in estimators:
             s_pos, s_neg = signal_directions(layer, store.patterns[layer.name], est, gen)
-            rho = neuron_rho(x_fit[layer.name], x_eval[layer.name], w, b, s_pos[keep], s_neg[keep], ridge)
+            rho = neuron_rho(x_fit[layer.name], x_eval[layer.name], w, b, s_pos[keep], s_neg[keep], ridge, chunk)
             result[layer.name][est] = _summary(rho)
             bar.update(1)
     bar.close()
