@@ -118,10 +118,7 @@ class LayerMoments:
         """Use ``shift`` (input dtype) and its ``out_offset``; only valid while the sums are zero or re-shifted."""
         self.flush()  # pending rows belong to the old shift
         self.shift = shift
-        k, g = self.layer.out_features, self.groups
-        w = self.layer.weight.double().reshape(k, -1)
-        s = self.patch_shift().repeat_interleave(k // g, dim=0)
-        self.out_offset = (w * s).sum(1) + self.layer.bias.double()
+        self.out_offset = _weight_times(self.layer, self.patch_shift()).reshape(-1) + self.layer.bias.double()
 
     def reshift(self, shift: torch.Tensor) -> None:
         """Re-express the sums about ``shift`` instead of ``self.shift``, exactly, in place.
@@ -142,7 +139,7 @@ class LayerMoments:
         d = old - self.patch_shift()  # (G, Dg)
         g, k = self.groups, self.layer.out_features
         kg = k // g
-        e = (self.layer.weight.double().reshape(g, kg, -1) @ d.unsqueeze(2)).squeeze(2)  # (G, Kg)
+        e = _weight_times(self.layer, d)  # (G, Kg)
         slots = self.count.shape[0]
         e4, d4, n4 = e.view(1, g, kg, 1), d.view(1, g, 1, -1), self.count.view(slots, 1, 1, 1)
         sy4, gy4, npos4 = (self.field(f).view(slots, g, kg, 1) for f in ("sum_y", "pos_sum_y", "pos_n"))
@@ -261,6 +258,22 @@ def slots_of(classes: torch.Tensor, slot_classes: list[int], num_classes: int) -
     table[torch.tensor(slot_classes, dtype=torch.long, device=classes.device)] = torch.arange(
         len(slot_classes), device=classes.device)
     return table[classes]
+
+
+#: Weight elements converted to float64 at once by :func:`_weight_times`.
+_ROW_BLOCK_ELEMENTS = 1 << 16
+
+
+def _weight_times(layer: AffineLayer, v: torch.Tensor) -> torch.Tensor:
+    """``W v`` per group in float64, (G, Kg), for ``v`` (G, Dg) float64: the weight is converted in
+    row blocks, so no weight-sized float64 temporary adds to the accumulators' memory."""
+    g = layer.groups
+    w = layer.weight.detach().reshape(g, layer.out_features // g, -1)
+    rows = max(1, _ROW_BLOCK_ELEMENTS // max(w.shape[2], 1))
+    out = v.new_empty(w.shape[:2])
+    for r0 in range(0, w.shape[1], rows):
+        out[:, r0:r0 + rows] = torch.bmm(w[:, r0:r0 + rows].double(), v.unsqueeze(2)).squeeze(2)
+    return out
 
 
 def accumulator_bytes(program: Program, slots: int = 1) -> int:
