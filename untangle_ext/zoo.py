@@ -279,8 +279,9 @@ def run_one(name: str, memory_budget: int) -> dict:
         record["memory_estimate_gb"] = round(need / 2**30, 1)
         if need > memory_budget:
             record.update(status="skipped", stage="memory",
-                          error=f"needs ~{need / 2**30:.0f} GB (> the {memory_budget / 2**30:.0f} GB budget): "
-                                f"float64 accumulators of {record['params'] / 1e6:.0f}M weights × {len(ZOO_CLASSES)} classes")
+                          error=f"needs ~{need / 2**30:.0f} GB (> the {memory_budget / 2**30:.0f} GB budget): one class "
+                                f"of float64 accumulators and {len(ZOO_CLASSES)} classes of patterns of "
+                                f"{record['params'] / 1e6:.0f}M weights")
         else:
             result = check_model(model, (3, size, size))
             record.update(status="ok", gradient_error=result["gradient_error"])
