@@ -6,11 +6,13 @@
 //   y      (N, K, *sp_out)     xs * W (mm / convolution)                    [ATen]
 //   z      (N, K, *sp_out)     y + out_offset, in the caller's row order    [fused design pass]
 //   design (M, G*(3Kg+1), *sp_out)  [y | gate | gate*y | 1] of the M accumulated rows, same pass
-//   mat[s] += design_s^T xs_s per slot segment (mm / convolution weight grad, no im2col);
-//            small Linear segments use an in-place float64 addmm instead
+//   mat[s] += design_s^T xs_s per slot segment: Linear as an in-place float64 addmm; conv as
+//            float32 weight grads (no im2col) over chunks of at most kChunkSamples samples
 //   vec[s] += [sum y | sum gate | sum gate*y | n]   (3K + 1), same pass
 // xs, y (linear) and design live in reused scratch buffers: no large allocation per batch.
 #include "untangle.h"
+
+#include <algorithm>
 
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
@@ -21,10 +23,13 @@
 namespace untangle {
 namespace {
 
-// Up to this many rows per slot, a Linear layer's products go straight into the float64
-// accumulator (MKL/cuBLAS dgemm with beta=1): cheaper than an fp32 product plus a pass over
-// the whole (3K+1, D) accumulator, and exact to float64 (measured crossover ~50-100 rows).
-constexpr int64_t kDirectRows = 64;
+// A conv layer's products are summed in the work dtype over at most this many samples (rows x
+// output positions) per weight-grad call, each chunk then added to the float64 accumulator: the
+// float32 rounding grows with the summation length (LeNet's second conv at batch 256, 16,384
+// positions per call: a_lin 8.4e-6 from float64; 512: 3.5e-7). Mirrored by
+// untangle_ext._reference.CHUNK_SAMPLES. Linear products go straight into the float64 accumulator
+// (dgemm with beta=1): exact, and at most ~1.5x an fp32 product plus a pass over the accumulator.
+constexpr int64_t kChunkSamples = 512;
 // Conv layers with several slots in a batch use one per-row product call while the per-row
 // products fit in this many bytes (small layers, where per-call overhead dominates).
 constexpr int64_t kPerRowBytes = 32 << 20;
@@ -110,24 +115,23 @@ at::Tensor accumulate(const at::Tensor& x, const at::Tensor& weight, const at::T
     }
     return z;
   }
+  const int64_t chunk = std::max<int64_t>(1, kChunkSamples / std::max<int64_t>(1, p));
   for (int64_t s = 0; s < num_slots; ++s) {
     const int64_t m0 = so.seg[s], rows = so.seg[s + 1] - m0;
     if (rows == 0) continue;
-    at::Tensor ds = design.narrow(0, m0, rows), xss = xs.narrow(0, m0, rows), prod;
-    if (linear && rows <= kDirectRows) {  // few rows: a float64 rank-`rows` update in place, no temporary
-      mat.select(0, s).view({dk, c}).addmm_(ds.t().to(at::kDouble), xss.to(at::kDouble));
+    if (linear) {  // a float64 rank-`rows` update in place
+      mat.select(0, s).view({dk, c}).addmm_(design.narrow(0, m0, rows).t().to(at::kDouble),
+                                            xs.narrow(0, m0, rows).to(at::kDouble));
       continue;
     }
-    if (linear) {
-      prod = scratch("prod", x, wt, {dk, c});
-      at::mm_out(prod, ds.t(), xss);
-    } else {
-      at::Tensor wshape = scratch("wshape", x, wt, shape_of({dk, weight.size(1)}, kernel));
-      prod = std::get<1>(at::convolution_backward(ds, xss, wshape, c10::nullopt, g.stride, g.zeros, g.dilation,
-                                                  false, g.zeros, g.groups, {false, true, false}))
-                 .contiguous();
+    at::Tensor wshape = scratch("wshape", x, wt, shape_of({dk, weight.size(1)}, kernel));
+    for (int64_t r0 = m0; r0 < m0 + rows; r0 += chunk) {
+      const int64_t r = std::min(chunk, m0 + rows - r0);
+      at::Tensor prod = std::get<1>(at::convolution_backward(design.narrow(0, r0, r), xs.narrow(0, r0, r), wshape,
+                                                             c10::nullopt, g.stride, g.zeros, g.dilation, false,
+                                                             g.zeros, g.groups, {false, true, false}));
+      dev.add_to_f64(mat.select(0, s), prod.contiguous());
     }
-    dev.add_to_f64(mat.select(0, s), prod);
   }
   return z;
 }
