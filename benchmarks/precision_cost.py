@@ -33,7 +33,7 @@ def _rate(moments_mod, program_cls, net, x, labels, batch: int) -> float:
     return x.shape[0] / (time.perf_counter() - t0)
 
 
-def child(before: bool) -> dict[str, float]:
+def child(before: bool, only: list[str]) -> dict[str, float]:
     """Images/s per workload in this process (the tree first on sys.path)."""
     import torch
 
@@ -57,6 +57,8 @@ def child(before: bool) -> dict[str, float]:
             "VGG-style b64": (workloads.vgg(), vx, torch.arange(64) % 10, 64)}
     out = {}
     for name, (net, xs, ys, b) in runs.items():
+        if only and not any(name.startswith(o) for o in only):
+            continue
         _rate(moments, Program, net, xs[:8], ys[:8], b)  # warm-up
         out[name] = _rate(moments, Program, net, xs, ys, b)
     return out
@@ -66,10 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", type=Path, help="the older tree (its extension built in place)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", nargs="*", default=[], help="workload name prefixes, e.g. LeNet")
     parser.add_argument("--child", choices=["before", "after"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child == "before")))
+        print(json.dumps(child(args.child == "before", args.only)))
         return
     if args.before is None:
         parser.error("--before PATH is required (see the module docstring)")
@@ -78,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(args.rounds):
         for label, tree in trees.items():
             env = dict(os.environ, PYTHONPATH=str(tree), UNTANGLE_EXT_BACKEND="native")
-            res = subprocess.run([sys.executable, __file__, "--child", label], cwd=tree, env=env, check=True,
-                                 capture_output=True, text=True)
+            cmd = [sys.executable, __file__, "--child", label, "--only", *args.only]
+            res = subprocess.run(cmd, cwd=tree, env=env, check=True, capture_output=True, text=True)
             rates[label].append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1} {label}: {rates[label][-1]}", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f}; median images/s over {args.rounds} alternating rounds:")

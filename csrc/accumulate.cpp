@@ -23,8 +23,8 @@
 namespace untangle {
 namespace {
 
-// A conv layer's products are summed in the work dtype over at most this many samples (rows x
-// output positions) per weight-grad call, each chunk then added to the float64 accumulator: the
+// A conv layer's float32 products are summed over at most this many samples (rows x output
+// positions) per weight-grad call (float64 work: one call), each chunk then added to the float64 accumulator: the
 // float32 rounding grows with the summation length (LeNet's second conv at batch 256, 16,384
 // positions per call: a_lin 8.4e-6 from float64; 512: 3.5e-7). Mirrored by
 // untangle_ext._reference.CHUNK_SAMPLES. Linear products go straight into the float64 accumulator
@@ -115,7 +115,7 @@ at::Tensor accumulate(const at::Tensor& x, const at::Tensor& weight, const at::T
     }
     return z;
   }
-  const int64_t chunk = std::max<int64_t>(1, kChunkSamples / std::max<int64_t>(1, p));
+  const int64_t chunk = wt == at::kDouble ? n : std::max<int64_t>(1, kChunkSamples / std::max<int64_t>(1, p));
   for (int64_t s = 0; s < num_slots; ++s) {
     const int64_t m0 = so.seg[s], rows = so.seg[s + 1] - m0;
     if (rows == 0) continue;

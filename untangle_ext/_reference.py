@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-#: Samples (images x output positions) per float32 conv product; the native driver's kChunkSamples.
+#: Samples (images x output positions) per conv product below float64; the native driver's kChunkSamples.
 CHUNK_SAMPLES = 512
 
 
@@ -126,7 +126,8 @@ def accumulate_conv(
     design = _design(y_tilde, z, groups)
     kg = weight.shape[0] // groups
     wshape = [design.shape[1], *weight.shape[1:]]
-    chunk = max(1, CHUNK_SAMPLES // max(1, math.prod(y_tilde.shape[2:])))
+    positions = max(1, math.prod(y_tilde.shape[2:]))
+    chunk = max(1, x.shape[0]) if x.dtype == torch.float64 else max(1, CHUNK_SAMPLES // positions)
 
     def update(s: int, rows: torch.Tensor) -> None:
         for part in rows.split(chunk):
