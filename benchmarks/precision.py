@@ -1,7 +1,8 @@
 """Precision of the float32 pattern estimation against the same formula in float64 (issue 11).
 
     python -m benchmarks.precision                 # LeNet + bundled MNIST, batch 16 and 256, every option
-    python -m benchmarks.precision --options before after --timing   # plus the cost on LeNet and VGG-style
+    python -m benchmarks.precision --options before after --timing   # plus the cost of the shift options
+    python -m benchmarks.precision_cost --before OLD_TREE            # the cost against an older tree
 
 For every affine layer the estimator's own float32 inputs (and its float32 gates) are
 recorded while it runs; the reference evaluates eq. 4 / eq. 8 on those inputs in float64
@@ -17,6 +18,9 @@ Shift options (the library keeps only the chosen one, ``after``; the others are 
 ``before`` (first batch's mean everywhere), ``none``, ``offset`` (mean where |mean| > spread),
 ``zeros`` (mean only where the first batch has no exact zeros), each optionally with float64
 products where the library uses them (``+f64``, :func:`untangle_ext.moments.wide_products`), and ``all-f64`` (float64 products everywhere).
+Every option runs on the ops as they are: Linear products in float64, conv products summed in float32
+over chunks of ``untangle_ext._reference.CHUNK_SAMPLES`` samples (the numbers without them, at commit
+17e90c3, are README's "before" columns).
 """
 from __future__ import annotations
 

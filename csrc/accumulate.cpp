@@ -6,12 +6,14 @@
 //   y      (N, K, *sp_out)     xs * W (mm / convolution)                    [ATen]
 //   z      (N, K, *sp_out)     y + out_offset, in the caller's row order    [fused design pass]
 //   design (M, G*(3Kg+1), *sp_out)  [y | gate | gate*y | 1] of the M accumulated rows, same pass
-//   mat[s] += design_s^T xs_s per slot segment (mm / convolution weight grad, no im2col);
-//            small Linear segments use an in-place float64 addmm instead
+//   mat[s] += design_s^T xs_s per slot segment: Linear as an in-place float64 addmm; conv as
+//            float32 weight grads (no im2col) over chunks of at most kChunkSamples samples
 //   vec[s] += [sum y | sum gate | sum gate*y | n]   (3K + 1), same pass
 // xs, y (linear) and design are scratch (untangle.h: reused on CPU, PyTorch's caching allocator
 // elsewhere); a batch whose scratch would exceed the scratch limit runs in chunks of sorted rows.
 #include "untangle.h"
+
+#include <algorithm>
 
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
@@ -22,10 +24,13 @@
 namespace untangle {
 namespace {
 
-// Up to this many rows per slot, a Linear layer's products go straight into the float64
-// accumulator (MKL/cuBLAS dgemm with beta=1): cheaper than an fp32 product plus a pass over
-// the whole (3K+1, D) accumulator, and exact to float64 (measured crossover ~50-100 rows).
-constexpr int64_t kDirectRows = 64;
+// A conv layer's float32 products are summed over at most this many samples (rows x output
+// positions) per weight-grad call (float64 work: one call), each chunk then added to the float64
+// accumulator: the float32 rounding grows with the summation length (LeNet's second conv at batch 256,
+// 16,384 positions per call: a_lin 8.4e-6 from float64; 512: 3.5e-7). Mirrored by
+// untangle_ext._reference.CHUNK_SAMPLES. Linear products go straight into the float64 accumulator
+// (dgemm with beta=1): exact, and at most ~1.5x an fp32 product plus a pass over the accumulator.
+constexpr int64_t kChunkSamples = 512;
 // Conv layers with several slots in a batch use one per-row product call while the per-row
 // products fit in this many bytes (small layers, where per-call overhead dominates).
 constexpr int64_t kPerRowBytes = 32 << 20;
@@ -113,18 +118,22 @@ struct Layer {
       per_row_products(so, xs, design);
       return;
     }
+    const int64_t chunk = wt == at::kDouble ? n : std::max<int64_t>(1, kChunkSamples / std::max<int64_t>(1, p));
     for (int64_t s = 0; s < num_slots; ++s) {
       const int64_t m0 = so.seg[s], rows = so.seg[s + 1] - m0;
       if (rows == 0) continue;
-      at::Tensor ds = design.narrow(0, m0, rows), xss = xs.narrow(0, m0, rows);
-      if (linear) {
-        linear_product(mat.select(0, s).view({dk, c}), ds, xss);
-      } else {
-        at::Tensor wshape = scratch("wshape", x, wt, shape_of({dk, w.size(1)}, kernel));
+      if (linear) {  // a float64 rank-`rows` update in place
+        mat.select(0, s).view({dk, c}).addmm_(design.narrow(0, m0, rows).t().to(at::kDouble),
+                                              xs.narrow(0, m0, rows).to(at::kDouble));
+        continue;
+      }
+      at::Tensor wshape = scratch("wshape", x, wt, shape_of({dk, w.size(1)}, kernel));
+      for (int64_t r0 = m0; r0 < m0 + rows; r0 += chunk) {
+        const int64_t r = std::min(chunk, m0 + rows - r0);
         dev.add_to_f64(mat.select(0, s),
-                       std::get<1>(at::convolution_backward(ds, xss, wshape, c10::nullopt, g.stride, g.zeros,
-                                                            g.dilation, false, g.zeros, g.groups,
-                                                            {false, true, false}))
+                       std::get<1>(at::convolution_backward(design.narrow(0, r0, r), xs.narrow(0, r0, r), wshape,
+                                                            c10::nullopt, g.stride, g.zeros, g.dilation, false,
+                                                            g.zeros, g.groups, {false, true, false}))
                            .contiguous());
       }
     }
@@ -143,22 +152,6 @@ struct Layer {
       if (so.seg[s + 1] > so.seg[s]) {
         dev.add_to_f64(mat.select(0, s), per_row.narrow(0, so.seg[s], so.seg[s + 1] - so.seg[s]));
       }
-    }
-  }
-
-  // dst (dk, D) float64 += ds^T xs for one Linear slot segment.
-  void linear_product(const at::Tensor& dst, const at::Tensor& ds, const at::Tensor& xs) {
-    if (ds.size(0) <= kDirectRows) {  // few rows: a float64 rank-`rows` update in place, no temporary
-      dst.addmm_(ds.t().to(at::kDouble), xs.to(at::kDouble));
-      return;
-    }
-    // The float32 product in blocks of accumulator rows, so its scratch stays below the scratch limit.
-    const int64_t block = std::max<int64_t>(1, scratch_limit() / (c * static_cast<int64_t>(c10::elementSize(wt))));
-    for (int64_t j0 = 0; j0 < dk; j0 += block) {
-      const int64_t len = std::min(block, dk - j0);
-      at::Tensor prod = scratch("prod", x, wt, {len, c});
-      at::mm_out(prod, ds.narrow(1, j0, len).t(), xs);
-      dev.add_to_f64(dst.narrow(0, j0, len), prod);
     }
   }
 };

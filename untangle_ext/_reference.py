@@ -22,7 +22,9 @@ Moment accumulation (SPEC §2) for one affine layer and a batch:
   (the layout is owned by :mod:`untangle_ext.moments`, which names every block).
 
   summed over samples (and output positions for conv). ``mat`` and ``vec`` are
-  float64; the products are formed in the input dtype per batch.
+  float64. Linear products are formed in float64 (an in-place ``addmm``); conv
+  products in the input dtype over chunks of at most :data:`CHUNK_SAMPLES` samples
+  (images x output positions), each chunk added to ``mat``.
 
 Convolutions have 1, 2 or 3 spatial dimensions (``len(stride)``).
 
@@ -36,6 +38,7 @@ Patterns from one class's moments of one layer (:func:`layer_patterns`): the lin
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -44,6 +47,8 @@ import torch.nn.functional as F
 #: Conv layers whose per-pair patterns (N pairs x one pattern) fit in this many bytes are reversed
 #: in one grouped call; larger ones one class at a time.
 PER_PAIR_BYTES = 8 << 20
+#: Samples (images x output positions) per conv product below float64; the native driver's kChunkSamples.
+CHUNK_SAMPLES = 512
 
 
 def _design(y_tilde: torch.Tensor, z: torch.Tensor, groups: int) -> torch.Tensor:
@@ -94,7 +99,7 @@ def accumulate_linear(
     design = _design(y_tilde, z, 1)
 
     def update(s: int, rows: torch.Tensor) -> None:
-        mat[s, 0] += (design[rows].t() @ x_tilde[rows]).double()
+        mat[s, 0].addmm_(design[rows].t().double(), x_tilde[rows].double())
         vec[s] += _vector_sums(y_tilde[rows], z[rows])
 
     _scatter_by_slot(slots, mat.shape[0], update)
@@ -129,15 +134,17 @@ def accumulate_conv(
     z = y_tilde + out_offset.to(x.dtype).view(1, -1, *([1] * nd))
     design = _design(y_tilde, z, groups)
     kg = weight.shape[0] // groups
+    wshape = [design.shape[1], *weight.shape[1:]]
+    positions = max(1, math.prod(y_tilde.shape[2:]))
+    chunk = max(1, x.shape[0]) if x.dtype == torch.float64 else max(1, CHUNK_SAMPLES // positions)
 
     def update(s: int, rows: torch.Tensor) -> None:
-        xs, ds = x_tilde[rows], design[rows]
-        wshape = [ds.shape[1], *weight.shape[1:]]
-        _, grad_w, _ = torch.ops.aten.convolution_backward(
-            ds, xs, weight.new_empty(wshape), None, list(stride), [0] * nd, list(dilation),
-            False, [0] * nd, groups, [False, True, False],
-        )
-        mat[s] += grad_w.reshape(groups, 3 * kg + 1, -1).double()
+        for part in rows.split(chunk):
+            _, grad_w, _ = torch.ops.aten.convolution_backward(
+                design[part], x_tilde[part], weight.new_empty(wshape), None, list(stride), [0] * nd, list(dilation),
+                False, [0] * nd, groups, [False, True, False],
+            )
+            mat[s] += grad_w.reshape(groups, 3 * kg + 1, -1).double()
         vec[s] += _vector_sums(y_tilde[rows], z[rows])
 
     _scatter_by_slot(slots, mat.shape[0], update)
