@@ -170,6 +170,10 @@ def _linear(n, d, k, num_slots, seed, dtype=torch.float64, device="cpu"):
     return x, w, x.mean(0), torch.randn(k, generator=g, dtype=torch.float64).to(device), slots.to(device)
 
 
+#: Stride, padding, dilation and groups of _conv's 3x3 layer, as _run passes them to the conv op.
+CONV_GEOMETRY = [[1, 1], [1, 1], [1, 1], 1]
+
+
 def _conv(n, num_slots, seed, dtype=torch.float64, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, 3, 10, 10, generator=g) + 2).to(dtype).to(device)
@@ -200,13 +204,12 @@ def _assert_same(got, want, rtol):
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_row_chunks_match_the_reference(monkeypatch, kind, dtype, rtol):
-    """A 1 MiB scratch limit splits these batches into several row chunks (and the Linear product
-    into blocks of accumulator rows); the sums must not change."""
+    """A 1 MiB scratch limit splits these batches into several row chunks; the sums must not change."""
     monkeypatch.setenv("UNTANGLE_EXT_SCRATCH_MB", "1")
-    if kind == "linear":  # ~9 KB per row: 116 rows per chunk; product blocks of 128 of the 151 rows
+    if kind == "linear":  # ~9 KB per row: 116 rows per chunk
         args, geometry, num_slots = _linear(300, 2048, 50, 3, seed=1, dtype=dtype), None, 3
     else:  # ~9.6 KB per row: 108 rows per chunk
-        args, geometry, num_slots = _conv(250, 4, seed=2, dtype=dtype), [[1, 1], [1, 1], [1, 1], 1], 4
+        args, geometry, num_slots = _conv(250, 4, seed=2, dtype=dtype), CONV_GEOMETRY, 4
     want = _run(_reference, [a.double() if a.is_floating_point() else a for a in args], num_slots, geometry)
     _assert_same(_run(torch.ops.untangle_ext, args, num_slots, geometry), want, rtol)
 
@@ -215,7 +218,7 @@ def test_row_chunks_match_the_reference(monkeypatch, kind, dtype, rtol):
 def test_bad_scratch_limit_is_named(monkeypatch):
     monkeypatch.setenv("UNTANGLE_EXT_SCRATCH_MB", "lots")
     with pytest.raises(RuntimeError, match="UNTANGLE_EXT_SCRATCH_MB must be a positive number of MiB"):
-        _run(torch.ops.untangle_ext, _conv(4, 2, seed=3), 2, [[1, 1], [1, 1], [1, 1], 1])
+        _run(torch.ops.untangle_ext, _conv(4, 2, seed=3), 2, CONV_GEOMETRY)
 
 
 @needs_native
@@ -223,7 +226,7 @@ def test_bad_scratch_limit_is_named(monkeypatch):
 def test_slot_order_cache_sees_in_place_changes(device):
     """The slot order is cached per slots tensor; changing the tensor in place must invalidate it."""
     args = list(_conv(12, 3, seed=4, device=device))
-    geometry = [[1, 1], [1, 1], [1, 1], 1]
+    geometry = CONV_GEOMETRY
     slots = args[4]
     first = _run(torch.ops.untangle_ext, args, 3, geometry)  # fills the cache
     _assert_same(_run(torch.ops.untangle_ext, args, 3, geometry), first, 0)  # a hit: same numbers
@@ -249,7 +252,7 @@ def test_cuda_more_slots_than_a_grid_dimension():
 def test_cuda_layers_after_the_first_do_not_sync():
     """Same slots tensor (as every layer of a batch gets): only the first call reads offsets on the host."""
     args = [a.cuda() for a in _conv(32, 4, seed=6, dtype=torch.float32)]
-    geometry = [[1, 1], [1, 1], [1, 1], 1]
+    geometry = CONV_GEOMETRY
     _run(torch.ops.untangle_ext, args, 4, geometry)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -263,7 +266,7 @@ def test_cuda_layers_after_the_first_do_not_sync():
 def test_cuda_scratch_is_returned_to_the_caching_allocator():
     """No scratch outlives a call (it comes from PyTorch's allocator), beyond the cached slot order."""
     args = [a.cuda() for a in _conv(64, 4, seed=7, dtype=torch.float32)]
-    geometry = [[1, 1], [1, 1], [1, 1], 1]
+    geometry = CONV_GEOMETRY
     _run(torch.ops.untangle_ext, args, 4, geometry)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -280,6 +283,6 @@ def test_cuda_row_chunks_match_the_reference(monkeypatch, kind):
     if kind == "linear":
         args, geometry, num_slots = _linear(300, 2048, 50, 3, seed=8, dtype=torch.float32), None, 3
     else:
-        args, geometry, num_slots = _conv(250, 4, seed=9, dtype=torch.float32), [[1, 1], [1, 1], [1, 1], 1], 4
+        args, geometry, num_slots = _conv(250, 4, seed=9, dtype=torch.float32), CONV_GEOMETRY, 4
     want = _run(_reference, [a.double() if a.is_floating_point() else a for a in args], num_slots, geometry)
     _assert_same(_run(torch.ops.untangle_ext, [a.cuda() for a in args], num_slots, geometry), want, 2e-5)

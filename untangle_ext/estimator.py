@@ -193,7 +193,7 @@ class SignalEstimator:
         p = compute_patterns(moments.layers[name], slot, self.mean_y, dtype=self.store_dtype, limits=self.limits)
         if release:
             del moments.layers[name]
-        return {k: (v.to(self.store_dtype) if k.startswith("a_") else v) for k, v in p.items()}
+        return p
 
     def _position_options(self) -> dict:
         """Position subsampling as recorded in a store's options (nothing when every position is used)."""

@@ -143,7 +143,7 @@ class LayerMoments:
         slots = self.count.shape[0]
         e4, d4, n4 = e.view(1, g, kg, 1), d.view(1, g, 1, -1), self.count.view(slots, 1, 1, 1)
         sy4, gy4, npos4 = (self.field(f).view(slots, g, kg, 1) for f in ("sum_y", "pos_sum_y", "pos_n"))
-        sxy, sgx, sgxy, sx = (self.block(b) for b in ("sum_yx", "pos_sum_x", "pos_sum_yx", "sum_x"))
+        sxy, sgx, sgxy, sx = (self.block(b) for b in MAT_BLOCKS)
         sxy += e4 * sx + d4 * sy4 + n4 * e4 * d4  # old Σx~, Σy~ (updated below)
         sgxy += e4 * sgx + d4 * gy4 + npos4 * e4 * d4  # old Σg x~, Σg y~
         sgx += npos4 * d4
@@ -188,7 +188,7 @@ class LayerMoments:
         """The layer with its weight in :attr:`product_dtype` (the layer itself when that is ``dtype``)."""
         if self.product_dtype in (None, dtype):
             return self.layer
-        if self._wide is None or self._wide.weight.dtype != self.product_dtype:
+        if self._wide is None:
             self._wide = copy.copy(self.layer)
             self._wide.weight = self.layer.weight.to(self.product_dtype)
             self._wide.bias = self.layer.bias.to(self.product_dtype)
