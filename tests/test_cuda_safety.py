@@ -215,6 +215,14 @@ def test_row_chunks_match_the_reference(monkeypatch, kind, dtype, rtol):
 
 
 @needs_native
+def test_float64_cpu_windows_match_the_reference():
+    """Float64 work on the CPU runs in 4 MiB windows of rows (~30 KB per row here: 3 windows); the sums must not change."""
+    args = _conv(400, 4, seed=4)
+    want = _run(_reference, args, 4, CONV_GEOMETRY)
+    _assert_same(_run(torch.ops.untangle_ext, args, 4, CONV_GEOMETRY), want, 1e-11)
+
+
+@needs_native
 def test_bad_scratch_limit_is_named(monkeypatch):
     monkeypatch.setenv("UNTANGLE_EXT_SCRATCH_MB", "lots")
     with pytest.raises(RuntimeError, match="UNTANGLE_EXT_SCRATCH_MB must be a positive number of MiB"):
