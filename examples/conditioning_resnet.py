@@ -8,7 +8,9 @@ few minutes on 2 CPU cores), global average pool, linear. Then, for it and the t
 per-class stores with the default conditioning limits and without any (``kappa_max`` = 1e300,
 ``min_samples`` = 1), the κ table of class 0 (a⁺), and the degradation / deletion AUCs
 (``untangle_ext.quality``; smaller = the ranking finds the evidence sooner) of
-PatternAttribution, PatternNet, gradient and input×gradient, plus the largest |map| value.
+PatternAttribution and PatternNet (with ``estimator="positive"``, a⁺ in every layer, and ``"gated"``,
+a⁺ only where the layer's output feeds a ReLU), gradient, input×gradient and a random ranking, plus
+the largest |map| value.
 """
 from __future__ import annotations
 
@@ -20,14 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from untangle_ext import SignalEstimator
+from untangle_ext import Attributor, SignalEstimator
 from untangle_ext.conditioning import table
 from untangle_ext.data import load_mnist_sample
 from untangle_ext.models import BasicBlock, load_or_train_lenet
-from untangle_ext.quality.degradation import degradation_curve, patch_scores, score_maps
+from untangle_ext.quality.degradation import degradation_curve, patch_scores
 from untangle_ext.store import atomic_torch_save
 
-METHODS = ("pattern_attribution", "patternnet", "gradient", "input_x_gradient")
+#: Row label -> (method, estimator, multiply by the input); None: a random ranking.
+METHODS = {
+    "pattern_attribution": ("pattern_attribution", "positive", False),
+    "pattern_attribution, gated": ("pattern_attribution", "gated", False),
+    "patternnet": ("patternnet", "positive", False),
+    "patternnet, gated": ("patternnet", "gated", False),
+    "gradient": ("gradient", "positive", False),
+    "input_x_gradient": ("gradient", "positive", True),
+    "random": None,
+}
 NO_LIMITS = {"kappa_max": 1e300, "min_samples": 1}
 
 
@@ -73,11 +84,15 @@ def load_or_train_resnet(path: Path, width: int, epochs: int) -> tuple[nn.Module
 
 
 def aucs(model: nn.Module, stores, images: torch.Tensor) -> dict[str, tuple[float, float, float]]:
-    """(degradation AUC, deletion AUC, max |map|) per method."""
-    maps = score_maps(model, stores, images, rankings=METHODS)
-    fill = images.mean()
-    out = {}
-    for name, m in maps.items():
+    """(degradation AUC, deletion AUC, max |map|) per row of :data:`METHODS`, for each image's predicted class."""
+    attributor, fill, out = Attributor(model, stores), images.mean(), {}
+    for name, how in METHODS.items():
+        if how is None:
+            m = torch.rand(images.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        else:
+            method, estimator, times_input = how
+            m = attributor.attribute(images, method=method, estimator=estimator).double()
+            m = m * images if times_input else m
         deg = degradation_curve(model, images, patch_scores(m, 4), 4, fill).auc
         dele = degradation_curve(model, images, patch_scores(m, 1), 1, 0.0, points=25).auc
         out[name] = (deg, dele, float(m.abs().max()))

@@ -7,6 +7,11 @@ the all-class store) with image ``b``'s recorded gates (SPEC §2):
 * ``patternnet``: they use ``a⁺_c`` (the signal),
 * ``gradient``: they use ``W`` (plain gradient, the S_w baseline; no store needed).
 
+``estimator`` picks the pattern: ``positive`` (a⁺ in every layer, SPEC §2's default), ``linear``
+(a everywhere) or ``gated``: a⁺ where the layer's output is split by sign downstream (it feeds a
+ReLU-like activation, or is the model's output: :attr:`Program.sign_gated`), a elsewhere — e.g. a
+residual branch's last conv, whose own sign gates nothing (its ReLU comes after the addition).
+
 Every other op follows :mod:`untangle_ext.rules`. The pass keeps each pair's
 signal normalised by exact powers of two, so deep nets never overflow: where a
 map is representable in the input dtype it is returned exactly, else it is
@@ -32,8 +37,20 @@ from .validation import InputChecker, check_topk
 
 Method = Literal["pattern_attribution", "patternnet", "gradient"]
 METHODS = ("pattern_attribution", "patternnet", "gradient")
-Estimator = Literal["positive", "linear"]
-_PATTERN_KEY = {"positive": "a_pos", "linear": "a_lin"}
+Estimator = Literal["positive", "linear", "gated"]
+ESTIMATORS = ("positive", "linear", "gated")
+
+
+def pattern_keys(program: Program, estimator: Estimator) -> dict[str, str]:
+    """The stored pattern (``a_pos`` or ``a_lin``) each affine layer of ``program`` reverses through under ``estimator``."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, not {estimator!r}")
+    gated = program.sign_gated if estimator == "gated" else frozenset()
+    return {l.name: "a_pos" if estimator == "positive" or l.name in gated else "a_lin" for l in program.layers}
+
+
+def _needed(keys: dict[str, str]) -> tuple[str, ...]:
+    return tuple(sorted(set(keys.values())))
 
 
 @dataclass
@@ -143,8 +160,10 @@ class Attributor:
                     cache_size: int = 64, estimator: Estimator = "positive", **kwargs) -> "Attributor":
         """An attributor over the stores ``{prefix}_class_{c}.pkl`` of ``classes`` (default: every output),
         each read when an explanation first needs it, at most ``cache_size`` held (LRU)."""
-        classes = range(Program(model).num_outputs) if classes is None else classes
-        return cls(model, StoreSet(prefix, classes, cache_size, keys=(_PATTERN_KEY[estimator],)), **kwargs)
+        program = Program(model, leaf_modules=kwargs.get("leaf_modules", ()))
+        classes = range(program.num_outputs) if classes is None else classes
+        return cls(model, StoreSet(prefix, classes, cache_size, keys=_needed(pattern_keys(program, estimator))),
+                   **kwargs)
 
     def _check_lazy(self, store: SignalStore) -> None:
         store.check_matches(self.program, self._fingerprint)
@@ -176,12 +195,12 @@ class Attributor:
     def _stack(self, stores: list[SignalStore], method: Method,
                estimator: Estimator) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
         """Per-layer reverse weights of ``stores`` stacked (S, K, ...), and the class → slot map."""
-        pkey = _PATTERN_KEY[estimator]
+        keys = pattern_keys(self.program, estimator)
         for store in stores:
-            store.check_keys((pkey,))
+            store.check_keys(_needed(keys))
         bank = {}
         for l in self.program.layers:
-            a = torch.stack([s.patterns[l.name][pkey] for s in stores]).to(l.weight)
+            a = torch.stack([s.patterns[l.name][keys[l.name]] for s in stores]).to(l.weight)
             bank[l.name] = a * l.weight.unsqueeze(0) if method == "pattern_attribution" else a
         return bank, {s.class_id: i for i, s in enumerate(stores)}
 
@@ -194,7 +213,7 @@ class Attributor:
         gets a bank of its own classes for that call.
         """
         needed = sorted(set(targets.reshape(-1).tolist()))
-        if self.lazy.keys != (_PATTERN_KEY[estimator],):
+        if self.lazy.keys != _needed(pattern_keys(self.program, estimator)):
             raise ValueError(f"this attributor reads {self.lazy.keys} patterns; build it with "
                              f"Attributor.from_prefix(..., estimator={estimator!r})")
         if len(needed) > self.lazy.cache_size:
@@ -251,8 +270,7 @@ class Attributor:
         """Attribute each image to its top-k classes (or ``target``): one forward, one batched reverse."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, not {method!r}")
-        if estimator not in _PATTERN_KEY:
-            raise ValueError(f"estimator must be one of {tuple(_PATTERN_KEY)}, not {estimator!r}")
+        pattern_keys(self.program, estimator)  # validates the name
         x = self._checker.images(inputs, "inputs")
         tape = Tape()
         logits = self.program.forward(x, tape=tape)

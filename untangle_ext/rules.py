@@ -86,6 +86,12 @@ class Rule:
 
     name = "rule"
     rescales = True  # the reverse may change the signal's scale (the pass renormalises after it)
+    #: passes positive values and (nearly) blocks negative ones: ReLU and its smooth relatives. An affine layer
+    #: whose output reaches only such ops is "sign-gated" (the two-component estimator's model of a unit)
+    gates_sign = False
+    #: moves or selects values without changing them (reshapes, dropout, max-pool): a gate behind it still
+    #: splits the affine layer's output by sign
+    keeps_sign = False
 
     def forward(self, step: Step, args: tuple, kwargs: dict, tape: Optional[Tape]) -> Any:
         return step.fn(*args, **kwargs)
@@ -214,6 +220,7 @@ class ReLU(Elementwise):
 
     name = "relu"
     rescales = False  # a 0/1 gate cannot grow the signal
+    gates_sign = True
 
     def forward(self, step, args, kwargs, tape):
         out = torch.relu(args[0])
@@ -222,11 +229,19 @@ class ReLU(Elementwise):
         return out
 
 
+class ReLULike(Elementwise):
+    """ReLU6, GELU, SiLU, Mish, Hardswish: the recorded slope like any activation; like ReLU, they gate by sign."""
+
+    name = "relu_like"
+    gates_sign = True
+
+
 class MaxPool2d(Rule):
     """Max pooling: each pair's signal goes to the recorded argmax of its image."""
 
     name = "maxpool2d"
     rescales = False
+    keeps_sign = True
 
     def forward(self, step, args, kwargs, tape):
         out, idx = F.max_pool2d(args[0], **kwargs, return_indices=True)
@@ -249,6 +264,7 @@ class Reshape(Generic):
 
     name = "reshape"
     rescales = False
+    keeps_sign = True
 
     def forward(self, step, args, kwargs, tape):
         out = step.fn(*args, **kwargs)
@@ -270,6 +286,7 @@ class Identity(Rule):
 
     name = "identity"
     rescales = False
+    keeps_sign = True
 
     def forward(self, step, args, kwargs, tape):
         return args[0]
@@ -308,24 +325,25 @@ class Add(Generic):
 # The table
 
 CONSTANT, AFFINE, GENERIC = Constant(), Affine(), Generic()
-_RELU, _ELEMENTWISE, _MAXPOOL, _RESHAPE, _IDENTITY, _ADD = ReLU(), Elementwise(), MaxPool2d(), Reshape(), Identity(), Add()
+_RELU, _RELU_LIKE, _ELEMENTWISE = ReLU(), ReLULike(), Elementwise()
+_MAXPOOL, _RESHAPE, _IDENTITY, _ADD = MaxPool2d(), Reshape(), Identity(), Add()
 
 #: Module types with their own rule (affine kinds come from :data:`layers.AFFINE_KINDS`; BatchNorm directly after
 #: an affine layer is folded into it by the tracer, elsewhere it is generic: an exact per-channel affine map).
 MODULE_RULES: dict[type, Rule] = {
     nn.ReLU: _RELU,
-    **{t: _ELEMENTWISE for t in (nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-                                 nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus,
-                                 nn.Softsign, nn.LogSigmoid, nn.Tanhshrink)},
+    **{t: _RELU_LIKE for t in (nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish)},
+    **{t: _ELEMENTWISE for t in (nn.LeakyReLU, nn.Hardtanh, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.Hardsigmoid,
+                                 nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink)},
     nn.MaxPool2d: _MAXPOOL,
     nn.Flatten: _RESHAPE,
     **{t: _IDENTITY for t in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)},
 }
 FUNCTION_RULES: dict[Callable, Rule] = {
     **{f: _RELU for f in (F.relu, torch.relu, torch.relu_, F.relu_)},
-    **{f: _ELEMENTWISE for f in (F.relu6, F.leaky_relu, F.hardtanh, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
-                                 F.hardswish, F.hardsigmoid, F.sigmoid, torch.sigmoid, F.tanh, torch.tanh,
-                                 F.softplus, F.softsign, F.logsigmoid)},
+    **{f: _RELU_LIKE for f in (F.relu6, F.gelu, F.silu, F.mish, F.hardswish)},
+    **{f: _ELEMENTWISE for f in (F.leaky_relu, F.hardtanh, F.elu, F.selu, F.celu, F.hardsigmoid, F.sigmoid,
+                                 torch.sigmoid, F.tanh, torch.tanh, F.softplus, F.softsign, F.logsigmoid)},
     torch.flatten: _RESHAPE,
     **{f: _IDENTITY for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout)},
     **{f: _ADD for f in (operator.add, operator.iadd, torch.add)},

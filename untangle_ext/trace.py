@@ -293,6 +293,7 @@ class Program:
         self.layers: list[AffineLayer] = [s.layer for s in self.steps if s.rule is rules.AFFINE]
         self.step_of: dict[str, int] = {s.layer.name: s.index for s in self.steps if s.rule is rules.AFFINE}
         self._last_use = _last_uses(self.steps)
+        self.sign_gated = _sign_gated(self.steps, self.output)
         if len(self.step_of) != len(self.layers):
             raise UnsupportedModelError("a Linear/Conv module is called more than once; weight sharing is not "
                                         "supported (use one module per call)")
@@ -417,6 +418,26 @@ class _Scaled:
         a = torch.ldexp(self.values, self._view(self.exponent - e).to(self.values.dtype))
         b = torch.ldexp(other.values, self._view(other.exponent - e).to(self.values.dtype))
         return _Scaled(a + b, e, unchecked)
+
+
+def _sign_gated(steps: list[Step], output: int) -> frozenset[str]:
+    """The affine layers whose output is split by its sign downstream: it reaches only ReLU-like gates
+    (through ops that keep each value, e.g. max-pool or flatten), or it is the model's output.
+
+    Elsewhere (a residual branch before its addition, a conv whose BatchNorm-then-ReLU is not folded,
+    any other activation) the sign of the layer's own output gates nothing: ``estimator="gated"`` reverses
+    those layers through the linear estimator.
+    """
+    readers: list[list[int]] = [[] for _ in steps]
+    for step in steps:
+        for j in step.tensor_inputs:
+            readers[j].append(step.index)
+    gated = [False] * len(steps)
+    for step in reversed(steps):  # readers come after the steps they read
+        rs = readers[step.index]
+        gated[step.index] = step.index == output or (bool(rs) and all(
+            steps[r].rule.gates_sign or (steps[r].rule.keeps_sign and gated[r]) for r in rs))
+    return frozenset(s.layer.name for s in steps if s.rule is rules.AFFINE and gated[s.index])
 
 
 def _last_uses(steps: list[Step]) -> list[int]:
