@@ -37,7 +37,7 @@ constexpr int64_t kPerRowBytes = 32 << 20;
 // Float64 work on the CPU (small layers' exact products, compute_dtype=float64) runs ATen's
 // im2col convolutions, whose buffers are allocated per call and grow with the window: a window
 // of this many scratch bytes keeps them in cache (LeNet's first conv, batch 256, one thread:
-// 33 ms per batch, as fast as its float32 products; 58-93 ms with the 512 MiB scratch window).
+// 33 ms per batch, as fast as its float32 products; 58-93 ms with a 512 MiB scratch window).
 constexpr int64_t kCpuDoubleWindowBytes = 4 << 20;
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& shift, const at::Tensor& out_offset,
@@ -99,8 +99,8 @@ struct Layer {
   // Rows of one chunk need their padded input, output and design rows: at most the scratch limit together.
   int64_t rows_per_chunk() const {
     const int64_t row_bytes = static_cast<int64_t>(c10::elementSize(wt)) * (c * numel_of(padded) + (k + dk) * p);
-    const int64_t limit = wt == at::kDouble && x.is_cpu() ? std::min(scratch_limit(), kCpuDoubleWindowBytes)
-                                                          : scratch_limit();
+    const int64_t scratch = scratch_limit(x.device());
+    const int64_t limit = wt == at::kDouble && x.is_cpu() ? std::min(scratch, kCpuDoubleWindowBytes) : scratch;
     return std::max<int64_t>(1, limit / std::max<int64_t>(1, row_bytes));
   }
 

@@ -103,9 +103,9 @@ at::Tensor scratch(const char* role, const at::Tensor& like, at::ScalarType dtyp
   return buf.narrow(0, 0, numel).view(shape);
 }
 
-int64_t scratch_limit() {
+int64_t scratch_limit(const at::Device& device) {
   const char* env = std::getenv("UNTANGLE_EXT_SCRATCH_MB");
-  const int64_t mb = env && *env ? std::atoll(env) : 512;
+  const int64_t mb = env && *env ? std::atoll(env) : (device.is_cpu() ? 128 : 512);
   TORCH_CHECK(mb > 0, "untangle_ext: UNTANGLE_EXT_SCRATCH_MB must be a positive number of MiB, got '", env, "'");
   return mb << 20;
 }

@@ -20,7 +20,7 @@ void check_float64(const at::Tensor& t, const char* name, int64_t dim) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_layer_patterns(
     const at::Tensor& sums, const at::Tensor& vec, const at::Tensor& weight, const at::Tensor& shift,
-    bool positive_mean_y, at::ScalarType dtype, PatternKernel kernel) {
+    bool positive_mean_y, at::ScalarType dtype, std::array<bool, 3> keep, PatternKernel kernel) {
   check_float64(sums, "sums", 3);
   check_float64(vec, "vec", 1);
   check_float64(shift, "shift", 2);
@@ -43,9 +43,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_layer_patterns(
   }
   PatternProblem p{sums, vec, weight.contiguous(), shift, positive_mean_y, groups, kg, dg};
   const auto opts = weight.options().dtype(dtype);
-  PatternOutputs out{at::empty(weight.sizes(), opts), at::empty(weight.sizes(), opts),
-                     at::empty(weight.sizes(), opts), at::empty({3, k}, sums.options())};
-  if (out.lin.numel() > 0) {
+  const auto pattern = [&](bool kept) { return kept ? at::empty(weight.sizes(), opts) : at::empty({0}, opts); };
+  PatternOutputs out{pattern(keep[0]), pattern(keep[1]), pattern(keep[2]), at::empty({3, k}, sums.options())};
+  if (weight.numel() > 0) {
     kernel(p, out);
   } else {
     out.kappa.zero_();  // no inputs: every pattern is empty, κ = 0

@@ -7,6 +7,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <tuple>
 
 namespace untangle {
@@ -21,8 +22,9 @@ struct PatternProblem {
   int64_t groups = 0, kg = 0, dg = 0;
 };
 
-// The outputs: a_lin, a_pos, a_neg (shaped like the weight, in the requested dtype) and
-// κ = ‖a‖·‖w‖ of the stored (rounded) patterns, (3, K) float64, 0 where the pattern is 0.
+// The outputs: a_lin, a_pos, a_neg (shaped like the weight, in the requested dtype; empty when not
+// kept, and then not written) and κ = ‖a‖·‖w‖ of the (rounded) patterns, (3, K) float64, 0 where the
+// pattern is 0, for all three.
 struct PatternOutputs {
   at::Tensor lin, pos, neg, kappa;
 };
@@ -32,6 +34,6 @@ using PatternKernel = void (*)(const PatternProblem& p, const PatternOutputs& ou
 // Validate (errors name the argument and the fix), allocate, run `kernel`, return the four outputs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_layer_patterns(
     const at::Tensor& sums, const at::Tensor& vec, const at::Tensor& weight, const at::Tensor& shift,
-    bool positive_mean_y, at::ScalarType dtype, PatternKernel kernel);
+    bool positive_mean_y, at::ScalarType dtype, std::array<bool, 3> keep, PatternKernel kernel);
 
 }  // namespace untangle

@@ -234,6 +234,41 @@ def test_opcheck(name, dtype):
     torch.library.opcheck(torch.ops.untangle_ext.layer_patterns, _args(lm, 1, True, dtype))
 
 
+KEEPS = [(False, True, False), (True, False, True), (False, False, False)]
+
+
+@pytest.mark.parametrize("keep", KEEPS, ids=["a_pos", "lin_neg", "none"])
+@pytest.mark.parametrize("impl", ["native", "torch"])
+def test_patterns_not_kept_are_empty_and_the_rest_unchanged(impl, keep):
+    """keep=...: the kept patterns and all three κ are those of the full call, bit for bit; the others are empty."""
+    op = torch.ops.untangle_ext.layer_patterns if impl == "native" else _reference.layer_patterns
+    lm = next(iter(_moments("conv2d_groups").layers.values()))
+    args = _args(lm, dtype=torch.float16)
+    full, part = op(*args), op(*args, list(keep))
+    for kept, a, b in zip(keep, full[:3], part[:3]):
+        assert torch.equal(a, b) if kept else (b.numel() == 0 and b.dtype == torch.float16)
+    assert torch.equal(full[3], part[3]) and bool((full[3] > 0).any())
+
+
+def test_compute_patterns_returns_the_kept_keys_with_the_same_limits_and_kappas():
+    lm = next(iter(_moments("linear").layers.values()))
+    limits = Limits(kappa_max=3.0, min_samples=2)  # some neurons beyond both limits
+    full = compute_patterns(lm, 0, "all", torch.float32, limits)
+    part = compute_patterns(lm, 0, "all", torch.float32, limits, keys=("a_pos",))
+    assert set(full) - set(part) == {"a_lin", "a_neg"}
+    for key, value in part.items():
+        assert torch.equal(value, full[key]), key
+    assert bool((full["a_pos"] == 0).all(1).any()) and bool((full["a_pos"] != 0).any())
+    with pytest.raises(ValueError, match="keys must be among"):
+        compute_patterns(lm, 0, keys=("a_plus",))
+
+
+@pytest.mark.parametrize("keep", KEEPS[:2], ids=["a_pos", "lin_neg"])
+def test_opcheck_with_keep(keep):
+    lm = next(iter(_moments("conv2d_groups").layers.values()))
+    torch.library.opcheck(torch.ops.untangle_ext.layer_patterns, (*_args(lm, 0, False, torch.float32), list(keep)))
+
+
 def _bad(sums, vec, weight, shift):
     return lambda: torch.ops.untangle_ext.layer_patterns(sums, vec, weight, shift, False, torch.float32)
 

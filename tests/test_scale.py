@@ -11,12 +11,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from untangle_ext import Attributor, SignalEstimator, backend
+import untangle_ext.estimator as estimator_module
+from untangle_ext import Attributor, SignalEstimator, SignalStore, backend
 from untangle_ext.attribution import StoreSet
 from untangle_ext.estimator import MultiPassWarning
 from untangle_ext.moments import accumulator_bytes
 from untangle_ext._reference import BLOCK_ELEMENTS
-from untangle_ext.store import class_store_path
+from untangle_ext.store import DEFAULT_FILE_DTYPE, DEFAULT_KEEP, class_store_path
 
 CLASSES = 12
 
@@ -91,6 +92,26 @@ def test_fit_to_files_over_a_labelled_loader_reads_once_and_resumes(tmp_path):
     assert est().fit_to_files(tmp_path / "net", DataLoader(ds, batch_size=5)) == written and ds.reads == len(ds)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(class_store_path("net", c).name
                                                                for c in range(CLASSES))
+
+
+@pytest.mark.parametrize("source", ["labelled loader", "per-class loaders"])
+def test_fit_to_files_computes_only_the_kept_patterns(tmp_path, monkeypatch, source):
+    """The files hold exactly what fit()'s stores encode to with the same keep, and only a_pos was ever computed."""
+    x, labels = data()
+    loader = DataLoader(TensorDataset(x, labels), batch_size=5)
+    per_class = {c: [(x[labels == c], labels[labels == c])] for c in range(CLASSES)}
+    want = est().fit(loader)
+    computed = []
+    real = estimator_module.compute_patterns
+    monkeypatch.setattr(estimator_module, "compute_patterns", lambda *a: computed.append(tuple(a[5])) or real(*a))
+    written = est().fit_to_files(tmp_path / "net", loader if source == "labelled loader" else per_class.__getitem__)
+    assert set(computed) == {DEFAULT_KEEP} and len(computed) == 2 * CLASSES
+    for c, path in written.items():
+        got, ref = SignalStore.load(path), want[c].encoded(DEFAULT_FILE_DTYPE, DEFAULT_KEEP)
+        for name, p in ref.patterns.items():
+            assert set(got.patterns[name]) == set(p)
+            for key, t in p.items():
+                assert torch.equal(got.patterns[name][key], t), (c, name, key)
 
 
 def test_injected_reducer_sees_every_pass():

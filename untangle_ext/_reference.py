@@ -272,9 +272,10 @@ def _block_rows(kg: int, dg: int) -> int:
 
 
 def layer_patterns(sums: torch.Tensor, vec: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor,
-                   positive_mean_y: bool, dtype: torch.dtype
+                   positive_mean_y: bool, dtype: torch.dtype, keep: Sequence[bool] = (True, True, True)
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``a_lin, a_pos, a_neg`` (shaped like ``weight``, float64 maths rounded once to ``dtype``) and κ (3, K).
+    """``a_lin, a_pos, a_neg`` (shaped like ``weight``, float64 maths rounded once to ``dtype``; an empty tensor
+    where ``keep`` is false) and κ (3, K) of all three.
 
     ``sums`` (G, 3Kg+1, Dg) and ``vec`` (3K+1) are one slot of the moments (layout:
     :mod:`untangle_ext.moments`), ``shift`` (G, Dg) the shift in patch space. κ = ‖a‖·‖w‖ per neuron of
@@ -286,10 +287,11 @@ def layer_patterns(sums: torch.Tensor, vec: torch.Tensor, weight: torch.Tensor, 
     sxy, spx, spxy, sx = sums[:, :kg], sums[:, kg:2 * kg], sums[:, 2 * kg:3 * kg], sums[:, 3 * kg:]
     w = weight.detach().reshape(g, kg, dg)
     regimes = _regimes(vec, g, positive_mean_y)
-    out = [torch.empty((g, kg, dg), dtype=dtype, device=sums.device) for _ in regimes]
+    out = [torch.empty((g, kg, dg) if kept else (0,), dtype=dtype, device=sums.device) for kept in keep]
     kappa = torch.empty((3, g, kg), dtype=torch.float64, device=sums.device)
     rows = _block_rows(kg, dg)
     scratch = torch.empty((5, rows, dg), dtype=torch.float64, device=sums.device)
+    dropped = torch.empty((rows, dg), dtype=dtype, device=sums.device)  # where a pattern not kept is rounded
     for gi in range(g):
         for r0 in range(0, kg, rows):
             r1 = min(r0 + rows, kg)
@@ -303,7 +305,8 @@ def layer_patterns(sums: torch.Tensor, vec: torch.Tensor, weight: torch.Tensor, 
             block_sums = ((sxy[gi, rs], sx_g), (spxy[gi, rs], spx[gi, rs]), (dxy, dx))
             for e, ((s_xy, s_x), r, o) in enumerate(zip(block_sums, regimes, out)):
                 _cov_into(cov, tmp, s_xy, s_x, shift_g, r, gi, rs)
-                _normalise_into(o[gi, rs], cov, tmp, wb, w_norm, r.alive[gi, rs])
-                kappa[e, gi, rs] = torch.linalg.vector_norm(o[gi, rs], dim=1, dtype=torch.float64) * w_norm
-    shape = weight.shape
-    return out[0].reshape(shape), out[1].reshape(shape), out[2].reshape(shape), kappa.reshape(3, -1)
+                dst = o[gi, rs] if o.numel() else dropped[:b]
+                _normalise_into(dst, cov, tmp, wb, w_norm, r.alive[gi, rs])
+                kappa[e, gi, rs] = torch.linalg.vector_norm(dst, dim=1, dtype=torch.float64) * w_norm
+    a_lin, a_pos, a_neg = (o.reshape(weight.shape) if o.numel() else o for o in out)
+    return a_lin, a_pos, a_neg, kappa.reshape(3, -1)

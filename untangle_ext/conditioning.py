@@ -70,8 +70,8 @@ def apply_limits(patterns: dict[str, torch.Tensor], weight: torch.Tensor, limits
     and zero the neurons beyond ``limits``; patterns are shaped like ``weight``, counts ``n_pos`` (K,) and ``n`` ().
 
     ``kappas`` (3, K): κ of a_lin, a_pos, a_neg when the caller has them (the pattern op computes them
-    in its pass); otherwise they are computed here, one more read of the patterns. Only the rows of
-    dead neurons are written.
+    in its pass, also of patterns it did not keep); otherwise they are computed here, one more read of
+    the patterns, and every pattern must be present. Only the rows of dead neurons are written.
     """
     k = weight.shape[0]
     w = weight.reshape(k, -1)
@@ -79,10 +79,10 @@ def apply_limits(patterns: dict[str, torch.Tensor], weight: torch.Tensor, limits
     counts = {"lin": n, "pos": n_pos, "neg": n - n_pos}
     out = dict(patterns)
     for i, (key, regime) in enumerate(ESTIMATORS.items()):
-        a = patterns[key].reshape(k, -1)
-        kap = kappa(a, w) if kappas is None else kappas[i]
-        dead = (kap > limits.kappa_max) | (counts[regime] < limits.min_samples)
-        a.index_fill_(0, dead.nonzero().flatten(), 0)
+        kap = kappa(patterns[key].reshape(k, -1), w) if kappas is None else kappas[i]
+        if key in patterns:
+            dead = (kap > limits.kappa_max) | (counts[regime] < limits.min_samples)
+            patterns[key].reshape(k, -1).index_fill_(0, dead.nonzero().flatten(), 0)
         out[f"kappa_{regime}"] = kap.to(torch.float32)
     return out
 

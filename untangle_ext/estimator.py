@@ -32,7 +32,8 @@ from .moments import Moments, accumulator_bytes, slots_of
 from .conditioning import Limits
 from .patterns import MeanY, compute_patterns
 from .subsample import PositionSampler
-from .store import ALL_CLASSES, DEFAULT_FILE_DTYPE, DEFAULT_KEEP, SignalStore, layer_signature, model_fingerprint
+from .store import (ALL_CLASSES, DEFAULT_FILE_DTYPE, DEFAULT_KEEP, PATTERN_KEYS, SignalStore, layer_signature,
+                    model_fingerprint)
 from .trace import Program
 from .validation import InputChecker, batches_of, check_labels, split_batch, warn_empty
 
@@ -168,11 +169,12 @@ class SignalEstimator:
             return torch.zeros_like(labels)
         return slots_of(labels, chunk, self.num_classes)
 
-    def _stores(self, moments: Moments, chunk: list[int],
-                share: Optional[set[int]] = None) -> Iterator[tuple[int, SignalStore]]:
-        """One store per class of ``chunk`` (of ``share``, if given) that saw at least one sample; empty ones
-        are warned about. CONSUMES ``moments``: each layer's accumulators are freed as soon as its last
-        pattern is computed (the smallest layers first), so the stores being built replace them."""
+    def _stores(self, moments: Moments, chunk: list[int], share: Optional[set[int]] = None,
+                keys: Sequence[str] = PATTERN_KEYS) -> Iterator[tuple[int, SignalStore]]:
+        """One store per class of ``chunk`` (of ``share``, if given) that saw at least one sample, holding the
+        patterns ``keys``; empty ones are warned about. CONSUMES ``moments``: each layer's accumulators are
+        freed as soon as its last pattern is computed (the smallest layers first), so the stores being built
+        replace them."""
         warn_empty([c for slot, c in enumerate(chunk) if int(moments.images[slot]) == 0])
         signature = layer_signature(self.program)
         options = {"mean_y": self.mean_y, "per_class": self.per_class, "store_dtype": str(self.store_dtype)[6:],
@@ -183,14 +185,16 @@ class SignalEstimator:
         order = sorted(names, key=lambda name: moments.layers[name].mat.numel())
         for i, (slot, class_id) in enumerate(todo):
             last = i == len(todo) - 1
-            patterns = {name: self._patterns(moments, name, slot, release=last) for name in order}
+            patterns = {name: self._patterns(moments, name, slot, last, keys) for name in order}
             patterns = {name: patterns[name] for name in names}
             yield class_id, SignalStore(class_id, patterns, signature, self.fingerprint, int(moments.images[slot]),
                                         options, input_shape=self._checker.expected)
 
-    def _patterns(self, moments: Moments, name: str, slot: int, release: bool) -> dict[str, torch.Tensor]:
-        """The patterns of one layer and class slot in the store dtype; ``release`` frees that layer's accumulators."""
-        p = compute_patterns(moments.layers[name], slot, self.mean_y, dtype=self.store_dtype, limits=self.limits)
+    def _patterns(self, moments: Moments, name: str, slot: int, release: bool,
+                  keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The patterns ``keys`` of one layer and class slot in the store dtype; ``release`` frees that layer's
+        accumulators."""
+        p = compute_patterns(moments.layers[name], slot, self.mean_y, self.store_dtype, self.limits, keys)
         if release:
             del moments.layers[name]
         return p
@@ -201,8 +205,10 @@ class SignalEstimator:
         return {"position_rate": p.rate, "position_seed": p.seed} if p.rate < 1 else {}
 
     def iter_fit(self, loader: Batches, labels: Optional[Sequence[int]] = None,
-                 classes: Optional[Sequence[int]] = None) -> Iterator[tuple[int, SignalStore]]:
-        """Estimate from one loader of ``(images, labels)``, yielding ``(class, store)`` as each class is done.
+                 classes: Optional[Sequence[int]] = None,
+                 keys: Sequence[str] = PATTERN_KEYS) -> Iterator[tuple[int, SignalStore]]:
+        """Estimate from one loader of ``(images, labels)``, yielding ``(class, store)`` as each class is done;
+        the stores hold the patterns ``keys`` (default all three; :meth:`fit_to_files` computes only ``keep``).
 
         Class by class in one pass when the data set knows its labels (or ``labels`` gives them);
         otherwise one pass per chunk of classes. Under torch.distributed each process yields the
@@ -214,7 +220,7 @@ class SignalEstimator:
             raise validation.EmptyLoaderError("the loader's data set is empty, so there is nothing to estimate; "
                                               "check the dataset (and its filters) behind the loader")
         if known is not None:
-            yield from self._by_class(loader, known, distributed.class_share(classes))
+            yield from self._by_class(loader, known, distributed.class_share(classes), keys)
             return
         chunks = chunk_classes(classes, accumulator_bytes(self.program), self.memory_budget, self.device) \
             if self.per_class else [[ALL_CLASSES]]
@@ -237,10 +243,11 @@ class SignalEstimator:
                                                   "check the dataset (and its filters / sampler) behind the loader")
             self._reduce(moments)
             share = set(distributed.class_share(chunk))
-            yield from self._stores(moments, chunk, share)
+            yield from self._stores(moments, chunk, share, keys)
             del moments
 
-    def _by_class(self, loader, labels: torch.Tensor, classes: list[int]) -> Iterator[tuple[int, SignalStore]]:
+    def _by_class(self, loader, labels: torch.Tensor, classes: list[int],
+                  keys: Sequence[str]) -> Iterator[tuple[int, SignalStore]]:
         """One pass over ``classes``' samples, class after class; one class of accumulators at a time."""
         warn_empty([c for c in classes if not bool((labels == c).any())])
         per_class, schedule = class_loader(loader, labels, classes)
@@ -259,17 +266,17 @@ class SignalEstimator:
             moments.update(x, torch.zeros(x.shape[0], dtype=torch.long, device=self.device))
             if i + 1 == len(schedule) or schedule[i + 1] != c:  # the class's last batch: free it, then its stores
                 del x, got
-                yield from self._stores(moments, [c])
+                yield from self._stores(moments, [c], keys=keys)
                 moments = None
 
     def fit(self, loader: Batches, labels: Optional[Sequence[int]] = None) -> dict[int, SignalStore]:
         """Estimate from one loader of ``(images, labels)``: ``{class: store}`` (see :meth:`iter_fit`)."""
         return dict(self.iter_fit(loader, labels))
 
-    def iter_fit_per_class(self, loader_fn: Callable[[int], Batches],
-                           classes: Optional[Sequence[int]] = None) -> Iterator[tuple[int, SignalStore]]:
-        """Estimate each class from its own loader ``loader_fn(c)``; under torch.distributed each
-        process estimates its share of the classes alone (whole loaders, no collectives)."""
+    def iter_fit_per_class(self, loader_fn: Callable[[int], Batches], classes: Optional[Sequence[int]] = None,
+                           keys: Sequence[str] = PATTERN_KEYS) -> Iterator[tuple[int, SignalStore]]:
+        """Estimate each class from its own loader ``loader_fn(c)`` (stores holding the patterns ``keys``); under
+        torch.distributed each process estimates its share of the classes alone (whole loaders, no collectives)."""
         classes = self.classes if classes is None else list(classes)
         mine = distributed.class_share(classes)
         for c in tqdm(mine, desc="classes", disable=bars_off(self.progress and len(mine) > 1)):
@@ -278,7 +285,7 @@ class SignalEstimator:
             distributed.check_whole(batches, c)
             self._accumulate(moments, batches, lambda lab, x: x.new_zeros(x.shape[0], dtype=torch.long),
                              f"class {c}", shard=False)
-            yield from self._stores(moments, [c])
+            yield from self._stores(moments, [c], keys=keys)
             del moments
 
     def fit_per_class(self, loader_fn: Callable[[int], Batches]) -> dict[int, SignalStore]:
@@ -294,12 +301,12 @@ class SignalEstimator:
         labelled data set (one pass, class by class). Resume, locks and who writes: :mod:`untangle_ext.files`.
         """
         if callable(source) and not hasattr(source, "__iter__"):
-            return write_class_stores(self, prefix, lambda cs: self.iter_fit_per_class(source, cs), overwrite,
-                                      lock_timeout)
+            return write_class_stores(self, prefix, lambda cs: self.iter_fit_per_class(source, cs, self.keep),
+                                      overwrite, lock_timeout)
         if dataset_labels(source, labels) is None:
             raise ValueError("fit_to_files needs per-class loaders (a function of the class) or a DataLoader "
                              "whose data set knows its labels (`targets`, a 2-tensor TensorDataset, or labels=)")
-        return write_class_stores(self, prefix, lambda cs: self.iter_fit(source, labels, cs), overwrite,
+        return write_class_stores(self, prefix, lambda cs: self.iter_fit(source, labels, cs, self.keep), overwrite,
                                   lock_timeout, group=LOCKS_PER_PASS)
 
 

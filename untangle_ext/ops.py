@@ -146,9 +146,9 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], weight.shape[0], *size))
 
     @torch.library.register_fake("untangle_ext::layer_patterns")
-    def _(sums, vec, weight, shift, positive_mean_y, dtype):
-        a = weight.new_empty(weight.shape, dtype=dtype)
-        return a, torch.empty_like(a), torch.empty_like(a), sums.new_empty((3, weight.shape[0]))
+    def _(sums, vec, weight, shift, positive_mean_y, dtype, keep=(True, True, True)):
+        lin, pos, neg = (weight.new_empty(weight.shape if kept else (0,), dtype=dtype) for kept in keep)
+        return lin, pos, neg, sums.new_empty((3, weight.shape[0]))
 
 
 def _native_devices() -> frozenset:

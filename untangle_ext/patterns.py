@@ -17,26 +17,31 @@ implementation for CUDA tensors).
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
 from . import ops
-from .conditioning import Limits, apply_limits
+from .conditioning import ESTIMATORS, Limits, apply_limits
 from .moments import LayerMoments
 
 MeanY = Literal["all", "positive"]
 
 
-def compute_patterns(lm: LayerMoments, slot: int, mean_y: MeanY = "all",
-                     dtype: torch.dtype = torch.float64, limits: Limits = Limits()) -> dict[str, torch.Tensor]:
-    """Patterns ``a_lin``, ``a_pos``, ``a_neg`` (shaped like the weight; float64 maths, stored as ``dtype``),
-    counts and κ, with ``limits`` applied."""
+def compute_patterns(lm: LayerMoments, slot: int, mean_y: MeanY = "all", dtype: torch.dtype = torch.float64,
+                     limits: Limits = Limits(), keys: Sequence[str] = tuple(ESTIMATORS)) -> dict[str, torch.Tensor]:
+    """The patterns ``keys`` (of ``a_lin``, ``a_pos``, ``a_neg``; shaped like the weight, float64 maths, stored
+    as ``dtype``), counts and κ of all three, with ``limits`` applied. Patterns not in ``keys`` are never
+    written (a store saved with ``keep=("a_pos",)`` needs one third of the memory and writes)."""
     if mean_y not in ("all", "positive"):
         raise ValueError(f"mean_y must be 'all' or 'positive', not {mean_y!r}")
+    unknown = set(keys) - set(ESTIMATORS)
+    if unknown:
+        raise ValueError(f"keys must be among {tuple(ESTIMATORS)}, not {sorted(unknown)}")
     layer = lm.layer
-    a_lin, a_pos, a_neg, kappa = ops.layer_patterns(lm.mat[slot], lm.vec[slot], layer.weight.detach(),
-                                                    lm.patch_shift(), mean_y == "positive", dtype)
-    patterns = {"a_lin": a_lin, "a_pos": a_pos, "a_neg": a_neg,
-                "n_pos": lm.field("pos_n")[slot].clone(), "n": lm.count[slot].clone()}
+    keep = [key in keys for key in ESTIMATORS]
+    *found, kappa = ops.layer_patterns(lm.mat[slot], lm.vec[slot], layer.weight.detach(), lm.patch_shift(),
+                                       mean_y == "positive", dtype, keep)
+    patterns = {key: a for key, a, kept in zip(ESTIMATORS, found, keep) if kept}
+    patterns.update(n_pos=lm.field("pos_n")[slot].clone(), n=lm.count[slot].clone())
     return apply_limits(patterns, layer.weight, limits, kappa)

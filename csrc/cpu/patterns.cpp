@@ -3,9 +3,9 @@
 // One task per block of neurons (at::parallel_for). Per neuron, pass 1 reads its three float64
 // sum rows, the group's Σx~ and shift rows (shared, in cache) and its weight row once, forms the
 // three regimes' (scaled) covariances into a thread-local buffer (L2/L3) and accumulates w·cov,
-// ‖cov‖² and ‖w‖²; pass 2 scales by 1/(w·cov), rounds once to the store dtype, writes the three
-// patterns and accumulates ‖a‖² of the rounded values for κ. Main-memory traffic: 3 float64
-// reads, one weight read and 3 pattern writes per weight.
+// ‖cov‖² and ‖w‖²; pass 2 scales by 1/(w·cov), rounds once to the store dtype, writes the
+// kept patterns and accumulates ‖a‖² of the rounded values for κ (of all three). Main-memory traffic:
+// 3 float64 reads, one weight read and one write per kept pattern per weight.
 #include "../patterns.h"
 
 #include <ATen/Dispatch.h>
@@ -84,16 +84,24 @@ inline void scaled_covariances(const double* sxy, const double* spx, const doubl
   wn = ww;
 }
 
-// Pass 2 for one regime: a = u * (1 / w·u) rounded to out_t (0 for a dead neuron); returns ‖a‖² of the
-// stored values.
+// Pass 2 for one regime: a = u * (1 / w·u) rounded to out_t (0 for a dead neuron), written to `a` unless
+// it is null (a pattern not kept); returns ‖a‖² of the rounded values.
 template <typename out_t>
 inline double normalise(const double* c, int64_t dg, bool ok, double den, out_t* a) {
   if (!ok) {
-    std::fill(a, a + dg, static_cast<out_t>(0));
+    if (a != nullptr) std::fill(a, a + dg, static_cast<out_t>(0));
     return 0.0;
   }
   const double inv = 1.0 / den;
   double an = 0;
+  if (a == nullptr) {
+#pragma omp simd reduction(+ : an)
+    for (int64_t i = 0; i < dg; ++i) {
+      const double v = static_cast<double>(static_cast<out_t>(c[i] * inv));
+      an += v * v;
+    }
+    return an;
+  }
 #pragma omp simd reduction(+ : an)
   for (int64_t i = 0; i < dg; ++i) {
     const out_t v = static_cast<out_t>(c[i] * inv);
@@ -130,7 +138,7 @@ inline void neurons(const Views<w_t, out_t>& v, int64_t k0, int64_t k1, double* 
     for (int e = 0; e < 3; ++e) {
       const bool ok = rg[e].alive && std::isfinite(den[e]) &&
                       std::abs(den[e]) > kDead * (w_norm * std::sqrt(un[e])) && den[e] != 0;
-      const double an = normalise(buf + e * dg, dg, ok, den[e], v.dst[e] + k * dg);
+      const double an = normalise(buf + e * dg, dg, ok, den[e], v.dst[e] ? v.dst[e] + k * dg : nullptr);
       v.kappa[e * v.nk + k] = std::sqrt(an) * w_norm;
     }
   }
@@ -149,11 +157,17 @@ __attribute__((target("avx2"), flatten)) void neurons_avx2(const Views<w_t, out_
 const bool kHasAvx2 = __builtin_cpu_supports("avx2");
 #endif
 
+// Where a pattern goes: its data, or null when it is not kept (an empty output).
+template <typename out_t>
+out_t* kept(const at::Tensor& t) {
+  return t.numel() > 0 ? t.data_ptr<out_t>() : nullptr;
+}
+
 template <bool kDelta, typename w_t, typename out_t>
 void patterns_loop(const PatternProblem& p, const PatternOutputs& out) {
   const Views<w_t, out_t> v{p.sums.const_data_ptr<double>(), p.vec.const_data_ptr<double>(),
                             p.shift.const_data_ptr<double>(), p.weight.const_data_ptr<w_t>(),
-                            {out.lin.data_ptr<out_t>(), out.pos.data_ptr<out_t>(), out.neg.data_ptr<out_t>()},
+                            {kept<out_t>(out.lin), kept<out_t>(out.pos), kept<out_t>(out.neg)},
                             out.kappa.data_ptr<double>(), p.kg, p.dg, p.groups * p.kg, p.positive_mean_y};
   at::parallel_for(0, v.nk, std::max<int64_t>(1, kGrainWeights / v.dg), [&](int64_t k0, int64_t k1) {
     const std::unique_ptr<double[]> buf(new double[3 * v.dg]);
@@ -179,8 +193,8 @@ void patterns_cpu(const PatternProblem& p, const PatternOutputs& out) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_patterns_cpu(
     const at::Tensor& sums, const at::Tensor& vec, const at::Tensor& weight, const at::Tensor& shift,
-    bool positive_mean_y, at::ScalarType dtype) {
-  return run_layer_patterns(sums, vec, weight, shift, positive_mean_y, dtype, patterns_cpu);
+    bool positive_mean_y, at::ScalarType dtype, std::array<bool, 3> keep) {
+  return run_layer_patterns(sums, vec, weight, shift, positive_mean_y, dtype, keep, patterns_cpu);
 }
 
 }  // namespace
