@@ -3,7 +3,7 @@
 Per workload, the time of ``compute_patterns`` for one class over every affine layer (float64 moments
 → a_lin, a_pos, a_neg in float32, κ, limits) with the native op and with the PyTorch blocked code
 (``_reference.layer_patterns``), and a torch copy of the same bytes
-(:data:`~benchmarks.realmodels.PATTERN_BYTES_PER_WEIGHT` = 40 per weight: three float64 sums read,
+(:func:`~benchmarks.realmodels.pattern_bytes_per_weight` = 40 per weight: three float64 sums read,
 the weight read, three float32 patterns written), measured alternating in one run (copy, native,
 torch, copy, ...), medians. Bandwidth fraction = bytes / median time / copy rate. Workloads: the
 VGG-style net (``models.vgg_style_net``, 18M weights, moments of 32 random 64×64 images) and
@@ -38,7 +38,7 @@ from untangle_ext.patterns import compute_patterns
 from untangle_ext.trace import Program
 
 from .measure import machine_info
-from .realmodels import PATTERN_BYTES_PER_WEIGHT, RESULTS
+from .realmodels import RESULTS, pattern_bytes_per_weight
 from .suite import git_revision, write_atomic
 
 
@@ -97,7 +97,7 @@ def first_touch_seconds(numel: int) -> float:
 def measure(name: str, moments: Moments, repeats: int, torch_repeats: int) -> dict:
     """Alternating copy / first touch / native / torch timings of one workload (one warm-up each), and ratios."""
     weights = sum(lm.layer.weight.numel() for lm in moments.layers.values())
-    nbytes = PATTERN_BYTES_PER_WEIGHT * weights
+    nbytes = pattern_bytes_per_weight() * weights
     runs = {"copy": copy_seconds(nbytes),
             "first_touch": lambda: first_touch_seconds(3 * weights),
             "native": lambda: class_patterns(moments, torch.ops.untangle_ext.layer_patterns),

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from untangle_ext import backend
+from untangle_ext.store import DEFAULT_KEEP
 from untangle_ext._io import atomic_write
 
 from .measure import current_rss, forward_profile, gemm_rate, machine_info, peak_rss, time_repeats
@@ -32,7 +33,10 @@ from .suite import git_revision, write_atomic
 RESULTS = Path(__file__).resolve().parent / "results"
 HISTORY = "history.jsonl"
 #: Bytes per weight a pattern computation must move: 3 float64 sums read, the fp32 weight read, 3 fp32 patterns written.
-PATTERN_BYTES_PER_WEIGHT = 3 * 8 + 4 + 3 * 4
+def pattern_bytes_per_weight(kept: int = 3) -> int:
+    """Bytes the pattern pass moves per weight: three float64 sums and the fp32 weight read, ``kept`` fp32
+    patterns written (3 for ``compute_patterns``; ``fit_to_files`` writes only its ``keep``, default a_pos)."""
+    return 3 * 8 + 4 + 4 * kept
 
 
 # --- torchvision's VGG-16 and ResNet-50 layer for layer (random weights) ---
@@ -199,7 +203,8 @@ def run_model(name: str, cfg: dict) -> dict:
         est, store = _estimate(model, x, cfg, Path(tmp))
     gemm = gemm_rate(cfg["gemm_n"], repeats=max(3, cfg["repeats"]))["rate"]
     weights = sum(est["weights_by_layer"].values())
-    pattern_bytes = PATTERN_BYTES_PER_WEIGHT * weights
+    per_weight = pattern_bytes_per_weight(len(DEFAULT_KEEP))
+    pattern_bytes = per_weight * weights
     bandwidth = copy_bandwidth(pattern_bytes, max(3, cfg["repeats"]))
     stats_s = est["phases_s"]["statistics"]
     rec = {
@@ -212,7 +217,7 @@ def run_model(name: str, cfg: dict) -> dict:
     }
     largest = max(est["weights_by_layer"], key=est["weights_by_layer"].get)  # VGG-16: fc6
     rec["largest_layer"] = {"name": largest, "weights": est["weights_by_layer"][largest],
-                            "bandwidth_fraction": PATTERN_BYTES_PER_WEIGHT * est["weights_by_layer"][largest]
+                            "bandwidth_fraction": per_weight * est["weights_by_layer"][largest]
                             / est["patterns_by_layer_s"][largest] / bandwidth}
     budget = est["accumulator_bytes"] + rec["activation_bytes_per_batch"]
     rec["rss_over_budget"] = est["peak_rss_over_start"] / budget
