@@ -83,6 +83,28 @@ def test_gradient_method_equals_autograd(name):
         torch.testing.assert_close(got[:, j], want, rtol=1e-10, atol=1e-12)
 
 
+class Fork(nn.Module):
+    """``relu(h) + h``: the addition hands one signal to both inputs, one of them a ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.relu(h) + h)
+
+
+def test_gates_applied_in_place_never_touch_a_signal_another_branch_still_needs():
+    torch.manual_seed(0)
+    model = Fork().double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    targets = torch.tensor([[0, 1, 2]]).expand(5, 3)
+    got = Attributor(model).explain(x, target=targets, method="gradient").attributions
+    for j in range(3):
+        torch.testing.assert_close(got[:, j], _autograd_input_gradient(model, x, targets[:, j]), rtol=1e-12, atol=0)
+
+
 def _random_stores(model: nn.Module, classes, seed=0) -> dict[int, SignalStore]:
     """Stores with random patterns (the reverse pass must not care where they come from)."""
     program = Program(model)

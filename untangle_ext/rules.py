@@ -72,13 +72,16 @@ class Step:
         return self.rule.name
 
 
-#: Reverse-pass context: ``pairs`` per image and the affine rule ``affine(layer, grad, input_shape)``.
+#: Reverse-pass context: ``pairs`` per image and the affine rule ``affine(layer, grad, input_shape)``;
+#: ``exclusive``: no other pending signal shares the memory of the ``grad`` a reverse gets now, so the rule
+#: may overwrite it (an addition hands one tensor to both of its inputs: then it is not exclusive).
 @dataclass
 class Reverse:
     tape: Tape
     pairs: int
     affine: Callable[[AffineLayer, torch.Tensor, torch.Size], torch.Tensor]
     constant_gates: bool = False
+    exclusive: bool = False
 
 
 class Rule:
@@ -211,8 +214,11 @@ class Elementwise(Rule):
         return out.detach()
 
     def reverse(self, step, grad, ctx):
-        slope = ctx.tape.saved[step.index]
-        return ((_per_image(grad, ctx.tape.batch) * slope.unsqueeze(1)).view_as(grad),)
+        """The signal times each image's slope (a bool gate for ReLU); in place when ``grad`` is exclusive
+        (a fresh output of this size costs more in page faults than the multiplication itself)."""
+        slope = ctx.tape.saved[step.index].unsqueeze(1)
+        per_image = _per_image(grad, ctx.tape.batch)
+        return ((per_image.mul_(slope) if ctx.exclusive else per_image * slope).view_as(grad),)
 
 
 class ReLU(Elementwise):

@@ -365,10 +365,14 @@ class Program:
                 continue
             if step.index == 0:
                 return item.values, item.exponent
-            for j, g in zip(step.tensor_inputs, step.rule.reverse(step, item.values, ctx)):
+            ctx.exclusive = not item.shared
+            outs = step.rule.reverse(step, item.values, ctx)
+            memory = [_storage(g) for g in outs if g is not None]
+            for j, g in zip(step.tensor_inputs, outs):
                 if g is None:
                     continue
-                scaled = _Scaled(g, item.exponent, item.unchecked)
+                shared = memory.count(_storage(g)) > 1 or (item.shared and _storage(g) == _storage(item.values))
+                scaled = _Scaled(g, item.exponent, item.unchecked, shared)
                 if step.rule.rescales:
                     scaled = scaled.normalised()
                 grads[j] = grads[j].plus(scaled) if j in grads else scaled
@@ -384,12 +388,17 @@ CHECK_EVERY = 2
 _IN_RANGE = (2.0 ** -_DRIFT, 2.0 ** _DRIFT)
 
 
+def _storage(t: torch.Tensor) -> int:
+    """Where a tensor's memory lives (views of one tensor share it)."""
+    return t.untyped_storage().data_ptr()
+
+
 class _Scaled:
     """A signal for B·k pairs as ``values * 2**exponent`` (exponent per pair); ``unchecked``: rescaling
-    steps since its range was last checked."""
+    steps since its range was last checked; ``shared``: another pending signal uses the same memory."""
 
-    def __init__(self, values: torch.Tensor, exponent: torch.Tensor, unchecked: int = 0):
-        self.values, self.exponent, self.unchecked = values, exponent, unchecked
+    def __init__(self, values: torch.Tensor, exponent: torch.Tensor, unchecked: int = 0, shared: bool = False):
+        self.values, self.exponent, self.unchecked, self.shared = values, exponent, unchecked, shared
 
     def _view(self, e: torch.Tensor) -> torch.Tensor:
         return e.view(-1, *([1] * (self.values.dim() - 1)))
@@ -398,12 +407,12 @@ class _Scaled:
         """After a rescaling step: every :data:`CHECK_EVERY`-th time, rescale the pairs whose max |value|
         left [2^-32, 2^32] back to [0.5, 1) (one reduction when none did)."""
         if self.unchecked + 1 < CHECK_EVERY or not self.values.numel():
-            return _Scaled(self.values, self.exponent, self.unchecked + 1)
+            return _Scaled(self.values, self.exponent, self.unchecked + 1, self.shared)
         flat = self.values.flatten(1)
         amax = torch.maximum(flat.amax(1), flat.amin(1).neg_())  # max |value| per pair (10x faster than an inf-norm)
         lo, hi = torch.aminmax(torch.where(amax > 0, amax, 1.0))  # a pair whose signal is exactly 0 stays so
         if _IN_RANGE[0] <= float(lo) and float(hi) <= _IN_RANGE[1]:  # the common case
-            return _Scaled(self.values, self.exponent)
+            return _Scaled(self.values, self.exponent, shared=self.shared)
         _, e = torch.frexp(amax)
         drifted = (amax > 0) & torch.isfinite(amax) & ((e > _DRIFT) | (e < -_DRIFT))
         e = torch.where(drifted, e.long(), torch.zeros_like(e, dtype=torch.long))
