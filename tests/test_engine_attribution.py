@@ -95,10 +95,22 @@ class Fork(nn.Module):
         return self.b(torch.relu(h) + h)
 
 
-def test_gates_applied_in_place_never_touch_a_signal_another_branch_still_needs():
+class SumPool(nn.Module):
+    """A ReLU read by a sum: its reverse gets the sum's VJP, an expanded view that must not be written in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 3, 3), nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).sum((2, 3)))
+
+
+@pytest.mark.parametrize("factory, shape", [(Fork, (4,)), (SumPool, (2, 5, 5))])
+def test_gates_applied_in_place_never_touch_a_signal_another_branch_still_needs(factory, shape):
     torch.manual_seed(0)
-    model = Fork().double().eval()
-    x = torch.randn(5, 4, dtype=torch.float64)
+    model = factory().double().eval()
+    x = torch.randn(5, *shape, dtype=torch.float64)
     targets = torch.tensor([[0, 1, 2]]).expand(5, 3)
     got = Attributor(model).explain(x, target=targets, method="gradient").attributions
     for j in range(3):

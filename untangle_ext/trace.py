@@ -365,7 +365,7 @@ class Program:
                 continue
             if step.index == 0:
                 return item.values, item.exponent
-            ctx.exclusive = not item.shared
+            ctx.exclusive = item.writable()
             outs = step.rule.reverse(step, item.values, ctx)
             memory = [_storage(g) for g in outs if g is not None]
             for j, g in zip(step.tensor_inputs, outs):
@@ -399,6 +399,11 @@ class _Scaled:
 
     def __init__(self, values: torch.Tensor, exponent: torch.Tensor, unchecked: int = 0, shared: bool = False):
         self.values, self.exponent, self.unchecked, self.shared = values, exponent, unchecked, shared
+
+    def writable(self) -> bool:
+        """Whether ``values`` may be overwritten: no other pending signal shares its memory, and it has no
+        overlapping elements (a VJP may return an expanded view, e.g. the reverse of a sum)."""
+        return not self.shared and self.values.is_contiguous()
 
     def _view(self, e: torch.Tensor) -> torch.Tensor:
         return e.view(-1, *([1] * (self.values.dim() - 1)))
