@@ -256,16 +256,21 @@ def test_cuda_more_slots_than_a_grid_dimension():
     _assert_same(_run(torch.ops.untangle_ext, [a.cuda() for a in args], num_slots), want, 1e-11)
 
 
+def _warm_cuda_conv(n: int, seed: int) -> list:
+    """A float32 conv batch on the GPU after one native call on it (slot order cached, kernels loaded), synchronised."""
+    args = [a.cuda() for a in _conv(n, 4, seed=seed, dtype=torch.float32)]
+    _run(torch.ops.untangle_ext, args, 4, CONV_GEOMETRY)
+    torch.cuda.synchronize()
+    return args
+
+
 @needs_gpu
 def test_cuda_layers_after_the_first_do_not_sync():
     """Same slots tensor (as every layer of a batch gets): only the first call reads offsets on the host."""
-    args = [a.cuda() for a in _conv(32, 4, seed=6, dtype=torch.float32)]
-    geometry = CONV_GEOMETRY
-    _run(torch.ops.untangle_ext, args, 4, geometry)
-    torch.cuda.synchronize()
+    args = _warm_cuda_conv(32, seed=6)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _run(torch.ops.untangle_ext, args, 4, geometry)
+        _run(torch.ops.untangle_ext, args, 4, CONV_GEOMETRY)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -273,12 +278,9 @@ def test_cuda_layers_after_the_first_do_not_sync():
 @needs_gpu
 def test_cuda_scratch_is_returned_to_the_caching_allocator():
     """No scratch outlives a call (it comes from PyTorch's allocator), beyond the cached slot order."""
-    args = [a.cuda() for a in _conv(64, 4, seed=7, dtype=torch.float32)]
-    geometry = CONV_GEOMETRY
-    _run(torch.ops.untangle_ext, args, 4, geometry)
-    torch.cuda.synchronize()
+    args = _warm_cuda_conv(64, seed=7)
     before = torch.cuda.memory_allocated()
-    z, mat, vec = _run(torch.ops.untangle_ext, args, 4, geometry)
+    z, mat, vec = _run(torch.ops.untangle_ext, args, 4, CONV_GEOMETRY)
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated() - before - sum(t.numel() * t.element_size() for t in (z, mat, vec))
     assert held <= 64 << 10, f"{held} bytes held after the call"
